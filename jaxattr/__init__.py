@@ -1,0 +1,21 @@
+"""jaxattr: saliency maps for image classifiers as jit/vmap-compiled JAX functions.
+
+Images are NHWC float arrays in [0, 1]; models normalise internally. A method is
+`method(model, images, targets=None, *, config=..., key=None)` with a batch axis in and out.
+"""
+
+from jaxattr import heatmaps as heatmaps
+from jaxattr.methods import MethodInfo as MethodInfo, list_methods as list_methods, method_info as method_info
+from jaxattr.methods.gradients import SaliencyConfig as SaliencyConfig, saliency as saliency
+from jaxattr.models import (
+    Head as Head,
+    Model as Model,
+    ModelInfo as ModelInfo,
+    WeightsError as WeightsError,
+    WeightsNotFoundError as WeightsNotFoundError,
+    create_model as create_model,
+    list_models as list_models,
+    model_info as model_info,
+)
+
+__version__ = "0.1.0"
