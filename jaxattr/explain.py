@@ -1,0 +1,70 @@
+"""`explain`: any registered method by name, with targets, scores and display-ready heatmaps."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jaxattr.methods._common import as_forward, check_inputs
+from jaxattr.methods.registry import method_info
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    attributions: Array  # the method's raw output, batch first
+    heatmaps: Float[Array, "b h w"]  # in [0, 1] at the images' resolution
+    targets: Int[Array, " b"]
+    probabilities: Float[Array, " b"]  # softmax probability of each target
+
+
+@jax.jit
+def _predict(forward, images):
+    probabilities = jax.nn.softmax(forward(images), axis=-1)
+    return jnp.argmax(probabilities, axis=-1), probabilities
+
+
+def method_config(method: str, config: Any = None, **overrides: Any) -> Any:
+    """The method's config: `config` (default: the reference's defaults) with `overrides` applied."""
+    info = method_info(method)
+    config = info.config() if config is None else config
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(config)}
+    if unknown:
+        raise ValueError(
+            f"{method} has no option {', '.join(sorted(unknown))}; "
+            f"options: {', '.join(f.name for f in dataclasses.fields(config))}"
+        )
+    return dataclasses.replace(config, **overrides)
+
+
+def explain(
+    model,
+    images: Float[Array, "b h w 3"],
+    method: str = "saliency",
+    *,
+    targets: Int[Array, " b"] | int | None = None,
+    key: jax.Array | None = None,
+    config: Any = None,
+    **overrides: Any,
+) -> Explanation:
+    """Explain each image's target class (default: the predicted class) with `method`.
+
+    `config` is the method's config dataclass; keyword overrides replace single fields,
+    e.g. explain(model, x, "integrated_gradients", steps=32)."""
+    info = method_info(method)
+    config = method_config(method, config, **overrides)
+    check_inputs(images, targets)
+    if info.stochastic and key is None:
+        raise ValueError(f"{method} is stochastic: pass key=jax.random.key(seed)")
+    forward = as_forward(model)
+    predicted, probabilities = _predict(forward, images)
+    targets = predicted if targets is None else jnp.broadcast_to(jnp.asarray(targets, jnp.int32), predicted.shape)
+    attributions = info.fn(model, images, targets, config=config, key=key)
+    maps = info.heatmap(attributions)
+    if maps.shape[1:3] != images.shape[1:3]:
+        maps = jax.image.resize(maps, (maps.shape[0], *images.shape[1:3]), "linear", antialias=False)
+    target_probabilities = jnp.take_along_axis(probabilities, targets[:, None], axis=-1)[:, 0]
+    return Explanation(attributions, maps, targets, target_probabilities)
