@@ -10,6 +10,7 @@ max_rel_diff = max |jaxattr - reference| / max |reference|.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from typing import Callable
 
@@ -73,6 +74,14 @@ def precision(dtype: str):
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
 
 
+def _cast_weights(torch_model: PixelInput, dtype: torch.dtype) -> PixelInput:
+    """A copy with the wrapped model in `dtype` (the caller's model is left as it was); the
+    normalisation buffers stay float64 (see PixelInput)."""
+    torch_model = copy.deepcopy(torch_model)
+    torch_model.model.to(dtype)
+    return torch_model
+
+
 @dataclasses.dataclass(frozen=True)
 class CrossCheckResult:
     method: str
@@ -114,7 +123,7 @@ def run(
         raise ValueError(f"{method} is cross-checked in {', '.join(ref.tolerance)}, not {dtype}")
     with precision(dtype) as np_dtype:
         images = np.asarray(images, np_dtype)
-        torch_model = torch_model.to(torch.float64 if dtype == "float64" else torch.float32)
+        torch_model = _cast_weights(torch_model, torch.float64 if dtype == "float64" else torch.float32)
         model = model.astype(np_dtype)
         if targets is None:
             with torch.no_grad():

@@ -72,8 +72,9 @@ class PixelInput(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, mean, std):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        # float64 buffers cast to the input dtype round exactly as jnp.asarray(mean, dtype) does.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model((pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype))

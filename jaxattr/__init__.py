@@ -7,7 +7,12 @@ Images are NHWC float arrays in [0, 1]; models normalise internally. A method is
 from jaxattr import heatmaps as heatmaps
 from jaxattr.explain import Explanation as Explanation, explain as explain, method_config as method_config
 from jaxattr.methods import MethodInfo as MethodInfo, list_methods as list_methods, method_info as method_info
+from jaxattr.methods.gradcam import GradCamConfig as GradCamConfig, gradcam as gradcam
 from jaxattr.methods.gradients import SaliencyConfig as SaliencyConfig, saliency as saliency
+from jaxattr.methods.guided_backprop import (
+    GuidedBackpropConfig as GuidedBackpropConfig,
+    guided_backprop as guided_backprop,
+)
 from jaxattr.models import (
     Head as Head,
     Model as Model,

@@ -31,6 +31,13 @@ def as_forward(forward: Forward) -> Forward:
     return jax.tree_util.Partial(forward)
 
 
+def require_model(forward: Forward, method: str) -> Model:
+    """Methods that tap layers or switch non-linearities need a jaxattr Model, not any forward."""
+    if not isinstance(forward, Model):
+        raise TypeError(f"{method} needs a jaxattr Model, got {type(forward).__name__}")
+    return forward
+
+
 def check_inputs(images: Array, targets: Array | int | None) -> None:
     """Eager validation at the public boundary (shapes are static, so this costs nothing)."""
     check_images(images)

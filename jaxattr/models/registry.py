@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxattr.models._classifier import Classifier
 from jaxattr.models._model import Model
+from jaxattr.nn import check_nonlinearity
 from jaxattr.models.weights import (
     WeightsError,
     load_params_file,
@@ -51,7 +52,11 @@ class ModelInfo:
     image_size: int = 224
     resize_size: int = 256  # shorter side before the centre crop
     interpolation: str = "bilinear"
+    # The last spatial feature map (default layer of Grad-CAM and other layer methods).
+    feature_layer: str = ""
     embedded: Callable[[], Mapping[str, np.ndarray]] | None = None  # torch-named state_dict
+    # Prefixes of checkpoint keys the port does not use (GoogLeNet's training-only aux heads).
+    ignored_weights: tuple[str, ...] = ()
     # Adapts parameters converted at `image_size` to another input size (ViT position embeddings).
     resize_params: Callable[[Any, int], Any] | None = None
     description: str = ""
@@ -141,7 +146,9 @@ def _pretrained_params(info: ModelInfo, template: Any) -> Any:
     if cached.is_file():
         return load_params_file(cached, template, model=info.name)
     if info.embedded is not None:
-        params = params_from_state_dict(info.embedded(), template, source=f"embedded weights of {info.name}")
+        params = params_from_state_dict(
+            info.embedded(), template, source=f"embedded weights of {info.name}", ignored=info.ignored_weights
+        )
     else:
         target = download_path(info)
         found = [p for p in (*_cached_elsewhere(info), target) if p.is_file()]
@@ -152,7 +159,7 @@ def _pretrained_params(info: ModelInfo, template: Any) -> Any:
                 f"create_model({info.name!r}, weights='/path/to/{info.weights_file}') (CLI: --weights PATH). "
                 f"The converted weights are then cached at {cached}."
             )
-        params = load_params_file(found[0] if found else target, template, model=info.name)
+        params = load_params_file(found[0] if found else target, template, model=info.name, ignored=info.ignored_weights)
     try:
         save_params(cached, params, model=info.name)
     except OSError:
@@ -173,6 +180,7 @@ def create_model(
     weights: "pretrained" (resolved as described in this module's docstring), a file path, or
     None for a random initialisation from `key` (default key 0)."""
     info = model_info(name)
+    check_nonlinearity(nonlinearity)
     size = image_size or info.image_size
     module = info.build(nonlinearity=nonlinearity, image_size=size)
     if weights is None:
@@ -183,7 +191,7 @@ def create_model(
     if isinstance(weights, str) and weights == "pretrained":
         params = _pretrained_params(info, template)
     else:
-        params = load_params_file(weights, template, model=name)
+        params = load_params_file(weights, template, model=name, ignored=info.ignored_weights)
     if size != info.image_size and info.resize_params is not None:
         params = info.resize_params(params, size)
     return Model(module, jax.tree_util.tree_map(jnp.asarray, params), name)

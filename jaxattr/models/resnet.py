@@ -112,6 +112,7 @@ for _name, (_block, _depths, _file, _resize) in _CONFIGS.items():
             weights_file=_file,
             weights_url=f"https://download.pytorch.org/models/{_file}",
             resize_size=_resize,
+            feature_layer="layer4",
             description=f"torchvision {_name}, ImageNet-1k (DEFAULT weights)",
         )
     )
