@@ -96,12 +96,15 @@ class CrossCheckResult:
         return bool(self.max_rel_diff <= self.tolerance)
 
 
-def twin_models(model_name: str, *, random_init: bool, seed: int = 0) -> tuple[Model, PixelInput]:
-    """The jaxattr model and its torch twin with identical weights (random or pretrained)."""
+def twin_models(
+    model_name: str, *, random_init: bool, seed: int = 0, weights: str = "pretrained"
+) -> tuple[Model, PixelInput]:
+    """The jaxattr model and its torch twin with identical weights: random (from `seed`), or
+    `weights` as `create_model` resolves them ("pretrained" or a file path)."""
     if random_init:
         torch_model, model = torch_twin(model_name, seed=seed)
         return model, torch_model
-    model = create_model(model_name)
+    model = create_model(model_name, weights)
     return model, PixelInput(to_torch(model), model.module.mean, model.module.std).eval()
 
 
@@ -113,8 +116,11 @@ def run(
     targets: np.ndarray | None = None,
     *,
     dtype: str | None = None,
+    **options,
 ) -> CrossCheckResult:
-    """Cross-check `method` on `images` (NHWC in [0, 1]); targets default to torch's predictions."""
+    """Cross-check `method` on `images` (NHWC in [0, 1]); targets default to torch's predictions.
+
+    `options` go to the runner (e.g. `config=` for methods whose runner takes one)."""
     ref = references().get(method)
     if ref is None:
         raise ValueError(f"no PyTorch reference for {method!r}; cross-checkable: {', '.join(references())}")
@@ -128,5 +134,5 @@ def run(
         if targets is None:
             with torch.no_grad():
                 targets = torch_model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).argmax(-1).numpy()
-        ours, theirs = ref.runner(model, torch_model, images, np.asarray(targets))
+        ours, theirs = ref.runner(model, torch_model, images, np.asarray(targets), **options)
     return CrossCheckResult(method, model.name, dtype, max_rel_diff(ours, theirs), ref.tolerance[dtype], ref.reference)

@@ -10,44 +10,50 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from jaxattr.models import Model, create_model, model_info
+from jaxattr.models import Model, model_info
 from jaxattr.models.weights import params_from_state_dict, state_dict_from_params
+from jaxattr.nn import check_nonlinearity
 
 # torchvision builds these differently from its defaults when it loads pretrained weights.
 _TORCHVISION_KWARGS = {"googlenet": {"aux_logits": False, "transform_input": True, "init_weights": True}}
 
 
-def torch_model(name: str, *, seed: int = 0, randomise_batchnorm: bool = True) -> torch.nn.Module:
+def torch_model(name: str, *, seed: int = 0) -> torch.nn.Module:
     """The torch model `name` with random weights, in eval mode.
 
-    With `randomise_batchnorm`, BatchNorm statistics and affine parameters are drawn at random:
-    freshly initialised ones (mean 0, var 1, weight 1, bias 0) would make BatchNorm an identity
-    and leave its conversion untested."""
+    Parameters the library initialises to constants are drawn at random as well: BatchNorm
+    statistics and affine parameters (mean 0, var 1, weight 1, bias 0 make BatchNorm an identity)
+    and all-zero tensors (zero biases, torchvision ViT's zero head, which makes every logit 0).
+    Either would leave its conversion untested."""
     info = model_info(name)
     torch.manual_seed(seed)
     if info.source == "timm":
         import timm
 
-        model = timm.create_model(name, pretrained=False)
+        model = timm.create_model(info.torch_name or name, pretrained=False)
     else:
         import torchvision
 
-        model = torchvision.models.get_model(name, weights=None, **_TORCHVISION_KWARGS.get(name, {}))
-    if randomise_batchnorm:
-        generator = torch.Generator().manual_seed(seed + 1)
+        kwargs = _TORCHVISION_KWARGS.get(name, {})
+        model = torchvision.models.get_model(info.torch_name or name, weights=None, **kwargs)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 c = module.num_features
                 module.running_mean.copy_(torch.rand(c, generator=generator) - 0.5)
                 module.running_var.copy_(torch.rand(c, generator=generator) * 1.5 + 0.5)
-                module.weight.data.copy_(torch.rand(c, generator=generator) + 0.5)
-                module.bias.data.copy_(torch.rand(c, generator=generator) - 0.5)
+                module.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(c, generator=generator) - 0.5)
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
     return model.eval()
 
 
 def to_torch(model: Model) -> torch.nn.Module:
     """The torch twin of `model` holding its weights (e.g. jaxattr's resolved pretrained ones)."""
-    module = torch_model(model.name, randomise_batchnorm=False)
+    module = torch_model(model.name)
     state = {k: torch.from_numpy(v.copy()) for k, v in state_dict_from_params(model.params).items()}
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
@@ -58,9 +64,14 @@ def to_torch(model: Model) -> torch.nn.Module:
 
 def from_torch(name: str, module: torch.nn.Module, *, nonlinearity: str = "standard") -> Model:
     """The jaxattr model `name` holding the weights of the torch model `module`."""
-    template = create_model(name, weights=None, nonlinearity=nonlinearity)
-    params = params_from_state_dict(module.state_dict(), template.params, source=f"torch {name}")
-    return Model(template.module, jax.tree_util.tree_map(jnp.asarray, params), name)
+    info = model_info(name)
+    check_nonlinearity(nonlinearity)
+    classifier = info.build(nonlinearity=nonlinearity, image_size=info.image_size)
+    # Shapes only: a random initialisation (an eager forward pass) would be thrown away.
+    images = jax.ShapeDtypeStruct((1, info.image_size, info.image_size, 3), jnp.float32)
+    template = jax.eval_shape(classifier.init, jax.random.key(0), images)["params"]
+    params = params_from_state_dict(module.state_dict(), template, source=f"torch {name}")
+    return Model(classifier, jax.tree_util.tree_map(jnp.asarray, params), name)
 
 
 class PixelInput(torch.nn.Module):

@@ -4,14 +4,30 @@ Images are NHWC float arrays in [0, 1]; models normalise internally. A method is
 `method(model, images, targets=None, *, config=..., key=None)` with a batch axis in and out.
 """
 
-from jaxattr import heatmaps as heatmaps
+from jaxattr import heatmaps as heatmaps, viz as viz
+from jaxattr.data import imagenet_labels as imagenet_labels
 from jaxattr.explain import Explanation as Explanation, explain as explain, method_config as method_config
+from jaxattr.blur import gaussian_blur as gaussian_blur
+from jaxattr.image import ImageLoadError as ImageLoadError, load_batch as load_batch, load_image as load_image
 from jaxattr.methods import MethodInfo as MethodInfo, list_methods as list_methods, method_info as method_info
+from jaxattr.methods.blur_ig import BlurIGConfig as BlurIGConfig, blur_ig as blur_ig
 from jaxattr.methods.gradcam import GradCamConfig as GradCamConfig, gradcam as gradcam
-from jaxattr.methods.gradients import SaliencyConfig as SaliencyConfig, saliency as saliency
+from jaxattr.methods.gradients import (
+    SaliencyConfig as SaliencyConfig,
+    SmoothGradConfig as SmoothGradConfig,
+    saliency as saliency,
+    smoothgrad as smoothgrad,
+)
 from jaxattr.methods.guided_backprop import (
     GuidedBackpropConfig as GuidedBackpropConfig,
     guided_backprop as guided_backprop,
+)
+from jaxattr.methods.guided_ig import GuidedIGConfig as GuidedIGConfig, guided_ig as guided_ig
+from jaxattr.methods.integrated_gradients import (
+    GnlIGConfig as GnlIGConfig,
+    IntegratedGradientsConfig as IntegratedGradientsConfig,
+    gnl_ig as gnl_ig,
+    integrated_gradients as integrated_gradients,
 )
 from jaxattr.models import (
     Head as Head,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +11,10 @@ from jaxtyping import Array, Float, Int
 
 from jaxattr.methods._common import as_forward, check_inputs
 from jaxattr.methods.registry import method_info
+from jaxattr.sharding import data_parallel
 
 
+@jax.tree_util.register_dataclass  # a pytree, so sharded runs can slice every field at once
 @dataclasses.dataclass(frozen=True)
 class Explanation:
     attributions: Array  # the method's raw output, batch first
@@ -48,12 +50,19 @@ def explain(
     targets: Int[Array, " b"] | int | None = None,
     key: jax.Array | None = None,
     config: Any = None,
+    devices: Sequence[jax.Device] | None = None,
     **overrides: Any,
 ) -> Explanation:
     """Explain each image's target class (default: the predicted class) with `method`.
 
     `config` is the method's config dataclass; keyword overrides replace single fields,
-    e.g. explain(model, x, "integrated_gradients", steps=32)."""
+    e.g. explain(model, x, "integrated_gradients", steps=32).
+
+    `devices` (e.g. jax.local_devices()) runs data parallel: the batch is split over the devices,
+    the parameters replicated; the results equal a single-device run (`jaxattr.sharding`)."""
+    if devices is not None:
+        run = lambda m, x, t: explain(m, x, method, targets=t, key=key, config=config, **overrides)
+        return data_parallel(run, model, images, targets, devices=devices)
     info = method_info(method)
     config = method_config(method, config, **overrides)
     check_inputs(images, targets)

@@ -37,20 +37,34 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------- layers
 
 
+def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's 'SAME' padding of one axis, as explicit (low, high) amounts: the total pads the
+    output to ceil(size / stride), the odd cell going to the high side (timm's Conv2dSame)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
 class Conv2d(nn.Module):
-    """torch.nn.Conv2d on NHWC input: symmetric explicit padding (never 'SAME'), groups, bias."""
+    """torch.nn.Conv2d on NHWC input, groups, bias, with explicit padding: symmetric amounts as
+    torch takes them, or "tf_same" for ports of TensorFlow-trained weights (timm's Conv2dSame),
+    computed from the static input shape (never Flax's 'SAME', whose placement differs)."""
 
     features: int
     kernel_size: int | tuple[int, int]
     stride: int | tuple[int, int] = 1
-    padding: int | tuple[int, int] = 0
+    padding: int | tuple[int, int] | Literal["tf_same"] = 0
     groups: int = 1
     use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 f"]:
         kh, kw = _pair(self.kernel_size)
-        ph, pw = _pair(self.padding)
+        sh, sw = _pair(self.stride)
+        if self.padding == "tf_same":
+            pads = (tf_same_padding(x.shape[1], kh, sh), tf_same_padding(x.shape[2], kw, sw))
+        else:
+            ph, pw = _pair(self.padding)
+            pads = ((ph, ph), (pw, pw))
         kernel = self.param(
             "kernel",
             nn.initializers.lecun_normal(),
@@ -59,8 +73,8 @@ class Conv2d(nn.Module):
         y = jax.lax.conv_general_dilated(
             x,
             kernel.astype(x.dtype),
-            window_strides=_pair(self.stride),
-            padding=((ph, ph), (pw, pw)),
+            window_strides=(sh, sw),
+            padding=pads,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=self.groups,
         )
@@ -191,6 +205,11 @@ def _pool_padding(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool
     out = (-(-span // stride) if ceil_mode else span // stride) + 1
     if ceil_mode and (out - 1) * stride >= size + pad:
         out -= 1
+    if out < 1:  # torch raises too; reduce_window would silently return an empty array
+        raise ValueError(
+            f"max_pool2d: input size {size} is too small for kernel {kernel}, stride {stride}, padding {pad} "
+            "(the output would be empty); use larger images"
+        )
     high = (out - 1) * stride + kernel - size - pad
     return pad, max(high, pad) if ceil_mode else pad
 

@@ -80,23 +80,31 @@ def input_gradients(
     return scores, grads
 
 
+def image_keys(key: jax.Array, batch: int) -> jax.Array:
+    """One key per image, keyed by its index: an image draws the same noise whatever the batch
+    size, so padding a batch (sharding) or growing it leaves the first images' results alone."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
 def attribution_method(config_cls: type):
     """Decorator turning an implementation `fn(forward, images, targets, key, *, config)` into the
     public method `method(forward, images, targets=None, *, config=config_cls(), key=None)`.
 
     The implementation is jit-compiled with the (frozen, hashable) config static; targets may be
-    None (predicted class, resolved inside the compiled function)."""
+    None (predicted class, resolved inside the compiled function). Array inputs that cannot live
+    in a static config (a baseline array, explicit noise) are extra keyword arguments of `fn`,
+    passed through unchanged."""
 
     def wrap(fn):
         compiled = jax.jit(fn, static_argnames=("config",))
 
         @functools.wraps(fn)
-        def method(forward, images, targets=None, *, config=None, key=None):
+        def method(forward, images, targets=None, *, config=None, key=None, **arrays):
             check_inputs(images, targets)
             config = config_cls() if config is None else config
             if not isinstance(config, config_cls):
                 raise TypeError(f"{fn.__name__} takes a {config_cls.__name__}, got {type(config).__name__}")
-            return compiled(as_forward(forward), images, targets, key, config=config)
+            return compiled(as_forward(forward), images, targets, key, config=config, **arrays)
 
         method.config_class = config_cls
         return method

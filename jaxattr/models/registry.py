@@ -52,11 +52,15 @@ class ModelInfo:
     image_size: int = 224
     resize_size: int = 256  # shorter side before the centre crop
     interpolation: str = "bilinear"
+    # The torch twin's name in `source` when it differs from `name`.
+    torch_name: str = ""
     # The last spatial feature map (default layer of Grad-CAM and other layer methods).
     feature_layer: str = ""
     embedded: Callable[[], Mapping[str, np.ndarray]] | None = None  # torch-named state_dict
     # Prefixes of checkpoint keys the port does not use (GoogLeNet's training-only aux heads).
     ignored_weights: tuple[str, ...] = ()
+    # Maps a legacy checkpoint key to the current torch key (torchvision ViT's pre-0.13 MLP names).
+    legacy_keys: Callable[[str], str] | None = None
     # Adapts parameters converted at `image_size` to another input size (ViT position embeddings).
     resize_params: Callable[[Any, int], Any] | None = None
     description: str = ""
@@ -106,7 +110,7 @@ def _offline() -> bool:
 
 def _cached_elsewhere(info: ModelInfo) -> list[Path]:
     """Where torchvision (torch hub) or timm (huggingface_hub) keep the pretrained file."""
-    if info.source == "timm":
+    if "huggingface.co/" in info.weights_url:
         repo = info.weights_url.split("huggingface.co/")[1].split("/resolve/")[0]
         snapshots = _hf_hub_dir() / f"models--{repo.replace('/', '--')}" / "snapshots"
         return sorted(snapshots.glob(f"*/{info.weights_file}"), reverse=True) if snapshots.is_dir() else []
@@ -118,6 +122,12 @@ def download_path(info: ModelInfo) -> Path:
     if info.source == "timm":  # the hub cache layout belongs to huggingface_hub; keep ours apart
         return jaxattr_home() / "downloads" / f"{info.name}-{info.weights_file}"
     return _torch_hub_dir() / info.weights_file
+
+
+def local_weights_file(info: ModelInfo) -> Path | None:
+    """The pretrained torch checkpoint already on this machine (torch/HF hub cache or a manual
+    download), if any."""
+    return next((p for p in (*_cached_elsewhere(info), download_path(info)) if p.is_file()), None)
 
 
 def _download(url: str, destination: Path) -> bool:
@@ -151,15 +161,17 @@ def _pretrained_params(info: ModelInfo, template: Any) -> Any:
         )
     else:
         target = download_path(info)
-        found = [p for p in (*_cached_elsewhere(info), target) if p.is_file()]
-        if not found and not _download(info.weights_url, target):
+        found = local_weights_file(info)
+        if found is None and not _download(info.weights_url, target):
             raise WeightsNotFoundError(
                 f"no pretrained weights for {info.name!r} on this machine and no network to download them. "
                 f"Download {info.weights_url} and place it at {target}, or pass the file: "
                 f"create_model({info.name!r}, weights='/path/to/{info.weights_file}') (CLI: --weights PATH). "
                 f"The converted weights are then cached at {cached}."
             )
-        params = load_params_file(found[0] if found else target, template, model=info.name, ignored=info.ignored_weights)
+        params = load_params_file(
+            found or target, template, model=info.name, ignored=info.ignored_weights, rename=info.legacy_keys
+        )
     try:
         save_params(cached, params, model=info.name)
     except OSError:
@@ -191,7 +203,7 @@ def create_model(
     if isinstance(weights, str) and weights == "pretrained":
         params = _pretrained_params(info, template)
     else:
-        params = load_params_file(weights, template, model=name, ignored=info.ignored_weights)
+        params = load_params_file(weights, template, model=name, ignored=info.ignored_weights, rename=info.legacy_keys)
     if size != info.image_size and info.resize_params is not None:
         params = info.resize_params(params, size)
     return Model(module, jax.tree_util.tree_map(jnp.asarray, params), name)

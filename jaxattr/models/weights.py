@@ -16,7 +16,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_dtypes
@@ -62,12 +62,19 @@ def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
 
 
 def params_from_state_dict(
-    state_dict: Mapping[str, Any], template: Any, *, source: str = "state_dict"
+    state_dict: Mapping[str, Any],
+    template: Any,
+    *,
+    source: str = "state_dict",
+    ignored: tuple[str, ...] = (),
+    rename: Callable[[str], str] | None = None,
 ) -> Any:
     """Flax parameters shaped like `template` (arrays or ShapeDtypeStructs) from a torch state_dict.
 
+    `ignored`: prefixes of keys the model does not use (e.g. training-only heads).
+    `rename`: maps a checkpoint's legacy key to the current torch key (identity for current keys).
     Raises WeightsError listing every missing, unexpected or mis-shaped key."""
-    arrays = {k: _as_numpy(v) for k, v in state_dict.items()}
+    arrays = {(rename(k) if rename else k): _as_numpy(v) for k, v in state_dict.items()}
     missing, mismatched, used = [], [], set()
 
     def convert(path, like):
@@ -84,7 +91,9 @@ def params_from_state_dict(
         return np.ascontiguousarray(value, dtype=like.dtype)
 
     params = jax.tree_util.tree_map_with_path(convert, template)
-    unexpected = [k for k in arrays if k not in used and not k.endswith(_IGNORED_TORCH_KEYS)]
+    unexpected = [
+        k for k in arrays if k not in used and not k.endswith(_IGNORED_TORCH_KEYS) and not k.startswith(ignored)
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
@@ -217,7 +226,14 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 
 
-def load_params_file(path: str | os.PathLike, template: Any, *, model: str) -> Any:
+def load_params_file(
+    path: str | os.PathLike,
+    template: Any,
+    *,
+    model: str,
+    ignored: tuple[str, ...] = (),
+    rename: Callable[[str], str] | None = None,
+) -> Any:
     """Parameters for `template` from a jaxattr safetensors file, a torch-layout safetensors file,
     or a torch checkpoint (.pth/.pt/.bin, read without torch and without executing pickled code)."""
     path = Path(path)
@@ -229,13 +245,15 @@ def load_params_file(path: str | os.PathLike, template: Any, *, model: str) -> A
             if metadata.get("model") not in (None, model):
                 raise WeightsError(f"{path} holds weights for {metadata.get('model')!r}, not {model!r}")
             return params_from_flat(tensors, template, source=str(path))
-        return params_from_state_dict(tensors, template, source=str(path))
+        return params_from_state_dict(tensors, template, source=str(path), ignored=ignored, rename=rename)
     if path.suffix in _TORCH_SUFFIXES:
         try:
             checkpoint = load_torch_checkpoint(path)
         except CheckpointError as e:
             raise WeightsError(str(e)) from e
-        return params_from_state_dict(unwrap_state_dict(checkpoint), template, source=str(path))
+        return params_from_state_dict(
+            unwrap_state_dict(checkpoint), template, source=str(path), ignored=ignored, rename=rename
+        )
     raise WeightsError(f"unsupported weights file {path}: expected .safetensors or a torch checkpoint ({', '.join(_TORCH_SUFFIXES)})")
 
 

@@ -1,0 +1,128 @@
+"""Integrated Gradients: jaxattr vs captum `IntegratedGradients` vs PAIR saliency `IntegratedGradients`,
+same machine, same random torchvision weights, same images and targets.
+
+    python benchmarks/ig.py                       # ResNet-18 and ResNet-50, 224 px, batch 4, 32 steps
+    python benchmarks/ig.py --models resnet18 --chunk 8
+
+Reports seconds per image for each implementation (the best of --repeats rounds, each round
+running every implementation once; jaxattr's compile time is reported separately), the ratios, the agreement of the
+attributions, and the GFLOP/s jaxattr achieves (FLOPs from XLA's cost analysis). Chunking: jaxattr
+evaluates --chunk steps per gradient batch, captum the same points per batch (internal_batch_size
+= chunk x batch), PAIR batch_size = chunk (it explains one image at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+import saliency.core as saliency
+import torch
+from captum.attr import IntegratedGradients
+
+from converters.crosscheck import max_rel_diff
+from converters.references.pair import _score_gradients
+from converters.torch_models import to_numpy_nhwc, to_torch_images, torch_twin
+from jaxattr.methods.integrated_gradients import IntegratedGradientsConfig, integrated_gradients
+
+
+def _timed_rounds(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """({name: result}, {name: best seconds}): `repeats` rounds, each running every implementation
+    once, so a load change on a shared machine hits all of them alike."""
+    results, best = {}, {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            results[name] = run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return results, best
+
+
+def _flops(model, images, targets, config) -> float:
+    # XLA's cost analysis counts a loop body once, whatever the trip count: count the unchunked
+    # program (the same arithmetic, no loop) instead of the chunked one.
+    unchunked = IntegratedGradientsConfig(steps=config.steps, rule=config.rule)
+    fn = jax.jit(lambda m, x, t: integrated_gradients(m, x, t, config=unchunked))
+    analysis = fn.lower(model, images, targets).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"])
+
+
+def bench_model(name: str, args) -> dict:
+    torch_model, model = torch_twin(name)
+    images = np.random.RandomState(0).rand(args.batch, args.size, args.size, 3).astype(np.float32)
+    with torch.no_grad():
+        targets = torch_model(to_torch_images(images)).argmax(-1).numpy()
+    config = IntegratedGradientsConfig(steps=args.steps, rule=args.rule, chunk=args.chunk)
+    ig = jax.jit(lambda m, x, t: integrated_gradients(m, x, t, config=config))
+    start = time.perf_counter()
+    compiled = ig.lower(model, images, targets).compile()
+    compile_seconds = time.perf_counter() - start
+
+    def captum_run():
+        attributions = IntegratedGradients(torch_model).attribute(
+            to_torch_images(images),
+            target=torch.from_numpy(targets),
+            n_steps=args.steps,
+            method=args.rule,
+            internal_batch_size=None if args.chunk is None else args.chunk * args.batch,
+        )
+        return to_numpy_nhwc(attributions)
+
+    def pair_run():  # one image at a time, as PAIR's API takes them; its own inclusive-mean rule
+        for image, target in zip(images, targets):
+            saliency.IntegratedGradients().GetMask(
+                image, _score_gradients(torch_model, int(target), "logit"),
+                x_steps=args.steps, batch_size=args.chunk or args.steps,
+            )
+
+    runs = {"jaxattr": lambda: np.asarray(compiled(model, images, targets)), "captum": captum_run}
+    if not args.no_pair:
+        runs["pair"] = pair_run
+    results, seconds = _timed_rounds(runs, args.repeats)
+    row = {name: s / args.batch for name, s in seconds.items()}
+    row.update(
+        model=name,
+        compile=compile_seconds,
+        gflops=_flops(model, images, targets, config) / seconds["jaxattr"] / 1e9,
+        max_rel_diff=max_rel_diff(results["jaxattr"], results["captum"]),
+    )
+    return row
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet18,resnet50", help="comma-separated registered model names")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rule", default="gausslegendre", help="a captum rule name")
+    parser.add_argument("--chunk", type=int, default=None, help="steps per gradient batch (default: all at once)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per implementation (best is kept)")
+    parser.add_argument("--no-pair", action="store_true", help="skip PAIR saliency (one image at a time)")
+    args = parser.parse_args(argv)
+    jax.config.update("jax_default_matmul_precision", "highest")  # what the parity tests use
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    print(
+        f"IG, {args.rule} {args.steps} steps, batch {args.batch}, {args.size} px, chunk {args.chunk}; "
+        f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)"
+    )
+    header = "| model | jaxattr s/img | captum s/img | captum/jaxattr | PAIR s/img | PAIR/jaxattr | jaxattr GFLOP/s | compile s | max_rel_diff vs captum |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for name in args.models.split(","):
+        r = bench_model(name.strip(), args)
+        pair = f"{r['pair']:.3f} | {r['pair'] / r['jaxattr']:.2f}" if "pair" in r else "- | -"
+        print(
+            f"| {r['model']} | {r['jaxattr']:.3f} | {r['captum']:.3f} | {r['captum'] / r['jaxattr']:.2f} | {pair} | "
+            f"{r['gflops']:.1f} | {r['compile']:.1f} | {r['max_rel_diff']:.1e} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""captum and PAIR saliency references for Integrated Gradients and GNL-IG.
+
+Both sides explain the same function: the torch twin on pixel input (PixelInput) and the jaxattr
+model, with the same baseline, targets, rule and score; GNL-IG runs captum on the normalised-input
+model with the guided rules of `converters.guided` attached, exactly GNL's configuration.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import saliency.core as saliency
+import scipy.ndimage
+import torch
+from captum.attr import IntegratedGradients
+
+from converters.crosscheck import reference
+from converters.guided import guided
+from converters.references.pair import _score_gradients
+from converters.torch_models import PixelInput, to_numpy_nhwc, to_torch_images
+from jaxattr import paths
+from jaxattr.methods.integrated_gradients import GnlIGConfig, IntegratedGradientsConfig, gnl_ig, integrated_gradients
+
+CAPTUM_RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+
+
+def _torch_dtype(torch_model: torch.nn.Module) -> torch.dtype:
+    return next(torch_model.parameters()).dtype
+
+
+def captum_baselines(config: IntegratedGradientsConfig, torch_model: PixelInput, images: np.ndarray, key=None):
+    """The baseline of `config`, built on the reference side (captum takes any tensor or number).
+
+    'uniform' is random: the same draw as jaxattr's, taken from `key`."""
+    dtype = _torch_dtype(torch_model)
+    if config.baseline == "black":
+        return 0.0
+    if config.baseline == "mean":
+        return torch_model.mean.to(dtype)
+    if config.baseline == "blur":  # saliency's Blur IG blur: zero padding, no blur across channels
+        blurred = [scipy.ndimage.gaussian_filter(x, (config.blur_sigma, config.blur_sigma, 0), mode="constant") for x in images]
+        return to_torch_images(np.stack(blurred)).to(dtype)
+    return to_torch_images(np.asarray(paths.baseline_images("uniform", None, images, key=key))).to(dtype)
+
+
+def _internal_batch_size(config: IntegratedGradientsConfig, images: np.ndarray) -> int | None:
+    # captum batches the points of all images together: chunk steps x batch images.
+    return None if config.chunk is None else config.chunk * len(images)
+
+
+def _score_function(torch_model: torch.nn.Module, output: str):
+    if output == "probability":
+        return lambda x: torch.softmax(torch_model(x), dim=-1)
+    return torch_model
+
+
+@reference(
+    "integrated_gradients",
+    reference="captum IntegratedGradients (same rule, steps, baseline and internal batching)",
+    tolerance={"float32": 1e-5, "float64": 1e-10},
+)
+def integrated_gradients_vs_captum(
+    model, torch_model, images, targets, *, config: IntegratedGradientsConfig | None = None, key=None
+):
+    config = config or IntegratedGradientsConfig()
+    if config.rule not in CAPTUM_RULES:
+        raise ValueError(f"captum has no rule {config.rule!r}; its rules: {CAPTUM_RULES}")
+    ours = integrated_gradients(model, images, targets, config=config, key=key)
+    theirs = IntegratedGradients(_score_function(torch_model, config.output)).attribute(
+        to_torch_images(images),
+        baselines=captum_baselines(config, torch_model, images, key),
+        target=torch.from_numpy(targets),
+        n_steps=config.steps,
+        method=config.rule,
+        internal_batch_size=_internal_batch_size(config, images),
+    )
+    return np.asarray(ours), to_numpy_nhwc(theirs)
+
+
+def integrated_gradients_vs_pair(
+    model, torch_model, images, targets, *, steps: int = 25, batch_size: int = 1, output: str = "logit"
+):
+    """jaxattr's 'pair' rule vs saliency 0.2.1 `IntegratedGradients.GetMask` (black baseline), one image
+    at a time as PAIR runs; jaxattr's chunk is PAIR's batch_size (the same per-batch sums)."""
+    config = IntegratedGradientsConfig(steps=steps, rule="pair", chunk=batch_size, output=output)
+    ours = integrated_gradients(model, images, targets, config=config)
+    theirs = [
+        saliency.IntegratedGradients().GetMask(
+            image, _score_gradients(torch_model, int(target), output), x_steps=steps, batch_size=batch_size
+        )
+        for image, target in zip(images, targets)
+    ]
+    return np.asarray(ours), np.stack(theirs)
+
+
+@reference(
+    "gnl_ig",
+    reference="captum IntegratedGradients on the normalised-input torch model with GNL's guided rules "
+    "(baseline 0 in normalised space, 50 Gauss-Legendre steps)",
+    tolerance={"float32": 1e-5, "float64": 1e-10},
+)
+def gnl_ig_vs_captum(model, torch_model: PixelInput, images, targets, *, config: GnlIGConfig | None = None):
+    """GNL's own configuration on the torch side: normalised inputs, baseline None (= 0), the guided
+    rules on every ReLU / max-pool module. Normalised-space attributions (x_n - 0) ⊙ ∇_n equal
+    pixel-space ones (p - mean) ⊙ ∇_p exactly in real arithmetic (gnl.md §2.5)."""
+    config = config or GnlIGConfig()
+    if config.baseline != "mean":
+        raise ValueError(f"GNL's baseline is zero in normalised space, i.e. baseline 'mean'; got {config.baseline!r}")
+    ours = gnl_ig(model, images, targets, config=config)
+    dtype = _torch_dtype(torch_model)
+    pixels = to_torch_images(images)
+    normalised = (pixels - torch_model.mean.to(dtype)) / torch_model.std.to(dtype)
+    with guided(torch_model.model, "guided") as guided_model:
+        theirs = IntegratedGradients(_score_function(guided_model, config.output)).attribute(
+            normalised,
+            target=torch.from_numpy(targets),
+            n_steps=config.steps,
+            method=config.rule,
+            internal_batch_size=_internal_batch_size(config, images),
+        )
+    return np.asarray(ours), to_numpy_nhwc(theirs)

@@ -1,0 +1,105 @@
+"""PAIR saliency 0.2.1 references for Guided IG and Blur IG, one image at a time as PAIR runs.
+
+The saliency callback returns d(target logit)/d(pixels) of the torch twin on pixel input
+(PixelInput), which is the gradient jaxattr's methods take, so both sides explain the same function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from unittest import mock
+
+import numpy as np
+import saliency.core as saliency
+import saliency.core.guided_ig as saliency_guided_ig
+import torch
+
+from converters.crosscheck import reference
+from converters.torch_models import to_numpy_nhwc, to_torch_images
+from jaxattr.methods.blur_ig import BlurIGConfig, blur_ig
+from jaxattr.methods.guided_ig import GuidedIGConfig, guided_ig
+
+
+def _score_gradients(torch_model: torch.nn.Module, target: int, output: str):
+    """A saliency `call_model_function`: NHWC batch -> d score[target] / d pixels, NHWC, in the model's
+    dtype; the score is the logit or the softmax probability, as jaxattr's `output` option.
+
+    Guided IG hands over float64 points whatever the model's dtype; they are cast to it."""
+    dtype = next(torch_model.parameters()).dtype
+
+    def call_model(batch, call_model_args=None, expected_keys=None):
+        pixels = to_torch_images(np.asarray(batch)).to(dtype).requires_grad_(True)
+        scores = torch_model(pixels)
+        if output == "probability":
+            scores = torch.softmax(scores, dim=-1)
+        (grads,) = torch.autograd.grad(scores[:, target].sum(), pixels)
+        return {saliency.INPUT_OUTPUT_GRADIENTS: to_numpy_nhwc(grads)}
+
+    return call_model
+
+
+def _quantile_with_interpolation_keyword(a, q, interpolation="linear", **kwargs):
+    return np.quantile(a, q, method=interpolation, **kwargs)
+
+
+@contextlib.contextmanager
+def _numpy_quantile_shim():
+    """saliency 0.2.1's Guided IG calls np.quantile(..., interpolation=), removed in NumPy 2.4:
+    inside this block its module sees a NumPy whose quantile maps `interpolation` to `method`."""
+    shimmed = types.ModuleType("numpy")
+    shimmed.__dict__.update(np.__dict__)
+    shimmed.quantile = _quantile_with_interpolation_keyword
+    with mock.patch.object(saliency_guided_ig, "np", shimmed):
+        yield
+
+
+@reference(
+    "guided_ig",
+    reference="PAIR saliency 0.2.1 GuidedIG (float64 throughout; float32 branching is chaotic)",
+    tolerance={"float64": 1e-10},
+    default_dtype="float64",
+)
+def guided_ig_vs_pair(model, torch_model, images, targets, *, config: GuidedIGConfig | None = None):
+    config = config or GuidedIGConfig()
+    if config.baseline != "black":
+        raise ValueError(f"the PAIR reference runs from a black baseline, not {config.baseline!r}")
+    ours = guided_ig(model, images, targets, config=config)
+    with _numpy_quantile_shim():
+        theirs = [
+            saliency.GuidedIG().GetMask(
+                image,
+                _score_gradients(torch_model, int(target), config.output),
+                x_steps=config.steps,
+                fraction=config.fraction,
+                max_dist=config.max_dist,
+            )
+            for image, target in zip(images, targets)
+        ]
+    return np.asarray(ours), np.stack(theirs)
+
+
+# float32 agreement (~5e-7) needs a kink-free model: on a torchvision CNN the heavily blurred images
+# put whole regions of ReLU / max-pool inputs at their kinks, where torch and XLA round to
+# different sides, and some path gradients differ by per cent (max_rel_diff ~4e-4 on resnet18).
+@reference(
+    "blur_ig",
+    reference="PAIR saliency 0.2.1 BlurIG (batch_size=1; float32 only for kink-free models)",
+    tolerance={"float32": 1e-5, "float64": 1e-10},
+    default_dtype="float64",
+)
+def blur_ig_vs_pair(model, torch_model, images, targets, *, config: BlurIGConfig | None = None):
+    config = config or BlurIGConfig()
+    ours = blur_ig(model, images, targets, config=config)
+    theirs = [
+        saliency.BlurIG().GetMask(
+            image,
+            _score_gradients(torch_model, int(target), config.output),
+            max_sigma=config.max_sigma,
+            steps=config.steps,
+            grad_step=config.grad_step,
+            sqrt=config.sqrt,
+        )
+        for image, target in zip(images, targets)
+    ]
+    return np.asarray(ours), np.stack(theirs)

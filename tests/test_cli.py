@@ -1,0 +1,527 @@
+"""End-to-end runs of the `jaxattr` command line on a random-init ResNet-18 and tiny images."""
+
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Literal
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxattr import cli, explain, heatmaps, imagenet_labels
+from jaxattr.image import load_image
+from jaxattr.methods import registry as method_registry
+from jaxattr.methods.registry import MethodInfo
+from jaxattr.models import create_model, model_info
+from jaxattr.models.registry import cache_path
+from jaxattr.models.weights import save_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """Random-init ResNet-18 weights in jaxattr's format, passed with --weights."""
+    path = tmp_path_factory.mktemp("weights") / "resnet18.safetensors"
+    save_params(path, create_model("resnet18", weights=None).params, model="resnet18")
+    return path
+
+
+def _noise(seed: int, shape=(24, 32, 3)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """RGB, grey, RGBA and 16-bit PNGs plus a corrupt JPEG."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(_noise(0)).save(folder / "rgb.png")
+    Image.fromarray(_noise(1, (24, 32))).save(folder / "grey.png")
+    Image.fromarray(_noise(2, (24, 32, 4))).save(folder / "rgba.png")
+    Image.fromarray(_noise(3, (24, 32)).astype(np.uint16) * 257).save(folder / "sixteen.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return folder
+
+
+def _explain(inputs, out, weights, *extra) -> int:
+    argv = ["explain", *map(str, inputs), "--model", "resnet18", "--weights", str(weights), "--out", str(out)]
+    return cli.main([*argv, "--batch-size", "2", *extra])
+
+
+def _summary(out: Path) -> dict[str, dict]:
+    return {r["output"]: r for r in json.loads((out / "summary.json").read_text())["images"]}
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix in (".png", ".npy")}
+
+
+# ------------------------------------------------------------------------------- explain
+
+
+def test_explain_writes_outputs_and_skips_a_corrupt_file(images, tmp_path, weights, capsys):
+    out = tmp_path / "out"
+    assert _explain([images], out, weights) == 1  # one image failed
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.err and "not an image file" in captured.err
+    explained = ["grey", "rgb", "rgba", "sixteen"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{n}.{ext}" for n in explained for ext in ("png", "npy")] + ["summary.json", "summary.csv"]
+    )
+    summary = _summary(out)
+    assert summary["broken"]["status"] == "unreadable" and "not an image" in summary["broken"]["message"]
+    model = create_model("resnet18", weights=weights)
+    for name in explained:
+        record = summary[name]
+        assert record["status"] == "explained"
+        assert record["label"] in captured.out and record["file"] in captured.out
+        attribution = np.load(out / f"{name}.npy")
+        # The saved attribution is what the Python API gives for the preprocessed image.
+        image = load_image(images / f"{name}.png", model_info("resnet18"))
+        expected = explain(model, jnp.asarray(np.stack([image, image])), "saliency")
+        np.testing.assert_allclose(attribution, np.asarray(expected.attributions[0]), rtol=1e-4, atol=1e-6)
+        assert record["class_index"] == int(expected.targets[0])
+        assert record["probability"] == pytest.approx(float(expected.probabilities[0]), rel=1e-4)
+        with Image.open(out / f"{name}.png") as png:
+            assert png.size == (224, 224) and png.mode == "RGB"
+    csv_lines = (out / "summary.csv").read_text().strip().splitlines()
+    assert csv_lines[0].startswith("file,output,status") and len(csv_lines) == 6
+
+
+def test_resume_skips_finished_images_and_overwrite_redoes_them(images, tmp_path, weights, capsys):
+    (images / "broken.jpg").unlink()
+    out = tmp_path / "out"
+    assert _explain([images], out, weights) == 0
+    first = _mtimes(out)
+    capsys.readouterr()
+    assert _explain([images], out, weights) == 0
+    assert _mtimes(out) == first
+    captured = capsys.readouterr()
+    assert "4 of 4 images already have outputs" in captured.err
+    assert all(r["status"] == "explained" for r in _summary(out).values())  # carried over
+    assert _explain([images], out, weights, "--overwrite") == 0
+    assert all(_mtimes(out)[name] != first[name] for name in first)
+
+
+def test_a_crash_mid_run_keeps_finished_images_and_a_rerun_resumes(
+    images, tmp_path, weights, monkeypatch, capsys
+):
+    (images / "broken.jpg").unlink()
+    out = tmp_path / "out"
+    calls = []
+    real = cli._explain_batch
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "_explain_batch", crash_on_second_batch)
+    assert _explain([images], out, weights) == 130
+    assert "resume" in capsys.readouterr().err
+    done = sorted(p.stem for p in out.glob("*.png"))
+    assert done == ["grey", "rgb"]  # the first batch, complete
+    assert sorted(_summary(out)) == done
+    assert [p for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary files
+    monkeypatch.setattr(cli, "_explain_batch", real)
+    assert _explain([images], out, weights) == 0
+    assert "2 of 4 images already have outputs" in capsys.readouterr().err
+    assert sorted(_summary(out)) == ["grey", "rgb", "rgba", "sixteen"]
+
+
+def test_other_settings_in_the_same_directory_are_refused(images, tmp_path, weights, capsys):
+    (images / "broken.jpg").unlink()
+    out = tmp_path / "out"
+    assert _explain([images], out, weights) == 0
+    capsys.readouterr()
+    assert _explain([images / "rgb.png"], out, weights, "--output", "probability") == 1
+    assert "other settings (config differ)" in capsys.readouterr().err
+
+
+def test_output_names_are_unique():
+    paths = [
+        Path("a/cat.jpg"),
+        Path("b/cat.jpg"),
+        Path("b/dog.jpg"),
+        Path("b/deep/cat.png"),
+        Path("c/owl.png"),
+    ]
+    assert cli.output_names(paths) == {
+        Path("a/cat.jpg"): "a__cat",
+        Path("b/cat.jpg"): "b__cat",
+        Path("b/dog.jpg"): "dog",
+        Path("b/deep/cat.png"): "b__deep__cat",
+        Path("c/owl.png"): "owl",
+    }
+    same_folder = [Path("x/owl.jpg"), Path("x/owl.png")]  # only the extension differs
+    assert cli.output_names(same_folder) == {Path("x/owl.jpg"): "owl.jpg", Path("x/owl.png"): "owl.png"}
+
+
+def test_same_stems_from_different_directories(tmp_path, weights):
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(_noise(ord(folder[0]))).save(tmp_path / folder / "cat.png")
+    out = tmp_path / "out"
+    assert _explain([tmp_path / "one", tmp_path / "two"], out, weights, "--panel") == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["one__cat.png", "two__cat.png"]
+    with Image.open(out / "one__cat.png") as png:
+        assert png.size == (3 * 224 + 2 * 4, 224)  # image | heatmap | overlay
+
+
+# ---------------------------------------------------------- method options and a test method
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    steps: int = 4
+    rule: Literal["left", "right"] = "left"
+    scale: float = 1.0
+    normalise: bool = True
+    sigmas: tuple[float, ...] = (1.0,)
+    layer: str | None = None
+    nested: Any = None  # no command-line form: keeps its default
+
+
+@pytest.fixture
+def probe_method(monkeypatch):
+    """A registered method that records its config and divides each image by its mean, which
+    gives NaN (0/0) for an all-black image."""
+    seen = []
+
+    def probe(model, images, targets=None, *, config=None, key=None):
+        seen.append((config, key))
+        return images / images.mean(axis=(1, 2, 3), keepdims=True)
+
+    monkeypatch.setitem(
+        method_registry._METHODS, "probe", MethodInfo("probe", probe, ProbeConfig, heatmaps.grayscale, "test")
+    )
+    return seen
+
+
+def test_config_fields_become_options(images, tmp_path, weights, probe_method):
+    options = [
+        "--steps",
+        "8",
+        "--rule",
+        "right",
+        "--scale",
+        "0.5",
+        "--no-normalise",
+        "--sigmas",
+        "1",
+        "2.5",
+        "--layer",
+        "x",
+    ]
+    assert _explain([images / "rgb.png"], tmp_path / "out", weights, "--method", "probe", *options) == 0
+    ((config, key),) = probe_method
+    assert config == ProbeConfig(
+        steps=8, rule="right", scale=0.5, normalise=False, sigmas=(1.0, 2.5), layer="x"
+    )
+    assert key is not None
+
+
+def test_option_choices_are_checked(images, tmp_path, weights, probe_method, capsys):
+    assert (
+        _explain([images / "rgb.png"], tmp_path / "out", weights, "--method", "probe", "--rule", "middle")
+        == 2
+    )
+    assert "invalid choice: 'middle'" in capsys.readouterr().err
+
+
+def test_an_option_of_another_method_is_a_clear_error(images, tmp_path, weights, probe_method, capsys):
+    assert _explain([images / "rgb.png"], tmp_path / "out", weights, "--steps", "8") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: jaxattr explain")
+    assert (
+        "saliency has no option --steps (an option of " in err
+        and "probe" in err
+        and "--multiply-by-inputs" in err
+    )
+    assert _explain([images / "rgb.png"], tmp_path / "out", weights, "--bogus") == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert (
+        _explain([images / "rgb.png"], tmp_path / "out", weights, "--method", "probe", "--nested", "1") == 2
+    )
+    assert "unrecognized arguments: --nested" in capsys.readouterr().err
+
+
+def test_non_finite_attributions_are_reported_and_not_written(tmp_path, weights, probe_method, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (20, 20)).save(folder / "black.png")
+    Image.fromarray(_noise(5)).save(folder / "noise.png")
+    out = tmp_path / "out"
+    assert _explain([folder], out, weights, "--method", "probe") == 1
+    assert "black.png: NaN or inf" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*.png")) == ["noise.png"]
+    assert _summary(out)["black"]["status"] == "non-finite"
+
+
+def test_target_by_class_name(images, tmp_path, weights, probe_method, capsys):
+    out = tmp_path / "out"
+    assert _explain([images / "rgb.png"], out, weights, "--method", "probe", "--target", "Tabby") == 0
+    assert _summary(out)["rgb"]["class_index"] == 281 and _summary(out)["rgb"]["label"] == "tabby"
+    assert (
+        _explain([images / "rgb.png"], tmp_path / "o2", weights, "--method", "probe", "--target", "1000") == 1
+    )
+    assert "out of range: resnet18 has 1000 classes" in capsys.readouterr().err
+    assert _explain([images / "rgb.png"], tmp_path / "o3", weights, "--target", "tabbby") == 1
+    assert "did you mean: tabby" in capsys.readouterr().err
+
+
+def test_every_registered_method_gets_its_options():
+    for method in cli.list_methods():  # argparse raises if an option clashes with the CLI's own
+        args = cli.build_parser(method).parse_args(["explain", "x", "--out", "o", "--method", method])
+        assert args.method == method and not any(
+            k.startswith("config:") for k in vars(args)
+        )  # defaults stay put
+
+
+def test_progress_bar():
+    log = io.StringIO()
+    progress = cli.Progress(4, log)
+    progress.advance(1)
+    progress.note("hello")
+    progress.advance(3)
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("[" + "." * 30 + "] 0/4 images") and "] 1/4 images" in lines[1]
+    assert lines[2] == "hello" and lines[3].startswith("[" + "#" * 30 + "] 4/4 images")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    progress = cli.Progress(2, terminal)
+    progress.advance(2)
+    assert (
+        terminal.getvalue().count("\r\033[K") == 2 and terminal.getvalue().count("\n") == 1
+    )  # one line, redrawn
+
+
+def test_imagenet_labels_are_shipped():
+    labels = imagenet_labels()
+    assert len(labels) == len(set(labels)) == 1000
+    assert labels[0] == "tench" and labels[281] == "tabby" and labels[999] == "toilet tissue"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_model_lists_the_choices(images, tmp_path, capsys):
+    assert cli.main(["explain", str(images), "--model", "resnet19", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "unknown model 'resnet19'" in err and "resnet18" in err
+
+
+def test_unknown_method_lists_the_choices(images, tmp_path, capsys):
+    assert cli.main(["explain", str(images), "--method", "magic", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'magic'" in err and "saliency" in err
+
+
+def test_missing_input_is_an_error(tmp_path, weights, capsys):
+    assert _explain([tmp_path / "nowhere.jpg"], tmp_path / "o", weights) == 1
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_missing_weights_offline_say_which_file_goes_where(images, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JAXATTR_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    out = tmp_path / "o"
+    assert cli.main(["explain", str(images / "rgb.png"), "--model", "resnet18", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "resnet18-f37072fd.pth" in err and str(tmp_path / "torch") in err
+    assert not out.exists()
+
+
+# -------------------------------------------------------------------------------- models
+
+
+def test_models_table_shows_weight_status(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert cli.main(["models"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["resnet18"][1:4] == ["resnet", "torchvision", "224"] and rows["resnet18"][-1] == "missing"
+    assert set(rows) == set(cli.list_models())
+    cache_path("resnet18").parent.mkdir(parents=True)
+    cache_path("resnet18").write_bytes(b"")
+    assert cli.main(["models"]) == 0
+    assert "cached" in next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("resnet18 ")
+    )
+
+
+# ------------------------------------------------------------------- convert, crosscheck
+
+
+def test_convert_random_init_verify_passes_and_writes_loadable_weights(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    out = tmp_path / "r18.safetensors"
+    argv = [
+        "convert",
+        "resnet18",
+        "--random-init",
+        "--verify",
+        "--image-size",
+        "32",
+        "--batch",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "layer4.1" in printed and "logits: max|diff|=" in printed and "parity ok" in printed
+    assert create_model("resnet18", weights=out).name == "resnet18"
+
+
+def test_convert_a_torch_checkpoint(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from converters.torch_models import from_torch, torch_model
+
+    module = torch_model("resnet18")
+    checkpoint = tmp_path / "resnet18.pth"
+    torch.save(module.state_dict(), checkpoint)
+    out = tmp_path / "converted.safetensors"
+    assert cli.main(["convert", "resnet18", "--weights", str(checkpoint), "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    converted = create_model("resnet18", weights=out).params
+    expected = from_torch("resnet18", module).params
+    np.testing.assert_array_equal(converted["fc"]["kernel"], expected["fc"]["kernel"])
+    np.testing.assert_array_equal(
+        converted["layer1.0"]["bn1"]["running_var"], expected["layer1.0"]["bn1"]["running_var"]
+    )
+
+
+def test_convert_verify_exits_1_above_tolerance(monkeypatch, capsys):
+    pytest.importorskip("torchvision")
+    from converters import verify
+
+    monkeypatch.setattr(verify, "LOGIT_RTOL", -1.0)  # no difference can pass
+    assert (
+        cli.main(["convert", "resnet18", "--random-init", "--verify", "--image-size", "32", "--batch", "1"])
+        == 1
+    )
+    assert "parity FAILED in: logits" in capsys.readouterr().out
+
+
+def test_convert_random_init_needs_something_to_do(capsys):
+    assert cli.main(["convert", "resnet18", "--random-init"]) == 1
+    assert "nothing to do" in capsys.readouterr().err
+
+
+@pytest.fixture
+def logits_reference(monkeypatch):
+    """Test runners: the logits of both twins (agree), and a reference that cannot agree."""
+    torch = pytest.importorskip("torch")
+    from converters import crosscheck
+
+    def logits(model, torch_model, images, targets):
+        with torch.no_grad():
+            theirs = torch_model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+        return np.asarray(model(jnp.asarray(images))), theirs
+
+    def disagree(model, torch_model, images, targets):
+        return np.zeros(3), np.ones(3)
+
+    crosscheck.references()  # registers the real runners first
+    for name, runner in [("test_logits", logits), ("test_disagree", disagree)]:
+        ref = crosscheck.Reference(name, runner, f"{name} reference", {"float32": 1e-4, "float64": 1e-10})
+        monkeypatch.setitem(crosscheck._REFERENCES, name, ref)
+
+
+def test_crosscheck_prints_the_comparison(logits_reference, tmp_path, capsys):
+    argv = [
+        "crosscheck",
+        "test_logits",
+        "--model",
+        "resnet18",
+        "--random-init",
+        "--image-size",
+        "32",
+        "--batch",
+        "1",
+    ]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "vs test_logits reference" in out and "float32" in out
+    value = float(out.split("max_rel_diff=")[1].split()[0])
+    assert 0 <= value <= 1e-4 and "tolerance=1e-04" in out
+    assert cli.main([*argv, "--dtype", "float64"]) == 0
+    assert "float64" in capsys.readouterr().out
+
+
+def test_crosscheck_on_image_files(logits_reference, images, capsys):
+    files = [str(images / "rgb.png"), str(images / "grey.png")]
+    argv = [
+        "crosscheck",
+        "test_logits",
+        "--model",
+        "resnet18",
+        "--random-init",
+        "--image-size",
+        "32",
+        "--images",
+        *files,
+    ]
+    assert cli.main(argv) == 0
+    assert "2 image files 32x32" in capsys.readouterr().out
+
+
+def test_crosscheck_exits_1_above_tolerance(logits_reference, capsys):
+    argv = [
+        "crosscheck",
+        "test_disagree",
+        "--model",
+        "resnet18",
+        "--random-init",
+        "--image-size",
+        "32",
+        "--batch",
+        "1",
+    ]
+    assert cli.main(argv) == 1
+    assert "max_rel_diff=1.000e+00 tolerance=1e-04 EXCEEDED" in capsys.readouterr().out
+
+
+def test_crosscheck_unknown_method_lists_the_checkable_ones(logits_reference, capsys):
+    assert cli.main(["crosscheck", "magic", "--model", "resnet18", "--random-init"]) == 1
+    err = capsys.readouterr().err
+    assert "no PyTorch reference for 'magic'" in err and "test_logits" in err
+
+
+# ---------------------------------------------------------------------------- no torch
+
+
+def test_explain_runs_without_torch_and_convert_says_what_to_install(tmp_path, weights):
+    image = tmp_path / "cat.png"
+    Image.fromarray(_noise(7)).save(image)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # every `import torch` now fails
+        from jaxattr.cli import main
+        rc = main(["explain", {str(image)!r}, "--model", "resnet18", "--weights", {str(weights)!r},
+                   "--out", {str(tmp_path / "out")!r}])
+        assert rc == 0, rc
+        assert main(["convert", "resnet18", "--random-init", "--verify"]) == 1
+        """
+    )
+    env = {**os.environ, "JAXATTR_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'jaxattr[torch]'" in done.stderr
+    assert (tmp_path / "out" / "cat.png").is_file() and (tmp_path / "out" / "cat.npy").is_file()

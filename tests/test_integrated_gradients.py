@@ -1,0 +1,188 @@
+"""Integrated Gradients and GNL-IG against captum and PAIR saliency on a random ResNet-18 twin.
+
+Both sides explain pixel inputs (the torch twin wrapped in PixelInput) with per-image targets;
+every reference runs in the same test through the runners that `jaxattr crosscheck` uses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattr import explain, paths
+from jaxattr.methods.integrated_gradients import GnlIGConfig, IntegratedGradientsConfig, gnl_ig, integrated_gradients
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("captum")
+pytest.importorskip("saliency")
+
+from captum.attr import IntegratedGradients  # noqa: E402
+
+from converters import crosscheck  # noqa: E402
+from converters.references import gradients as gradient_refs  # noqa: E402
+from converters.references import integrated_gradients as refs  # noqa: E402
+from converters.torch_models import to_numpy_nhwc, to_torch_images, torch_twin  # noqa: E402
+
+TARGETS = np.array([3, 7])  # a different class per image
+RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.RandomState(0).rand(2, 32, 32, 3)
+
+
+@pytest.fixture(scope="module", params=["float32", "float64"])
+def twin(request):
+    """(dtype, jaxattr model, torch model): a fresh twin per dtype, so float64 runs never see
+    constants that went through float32."""
+    torch_model, model = torch_twin("resnet18")
+    return request.param, model, torch_model
+
+
+def _check(method, twin, images, targets=TARGETS, **options):
+    dtype, model, torch_model = twin
+    result = crosscheck.run(method, model, torch_model, images, targets, dtype=dtype, **options)
+    assert result.ok, result
+    return result
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_integrated_gradients_vs_captum(twin, images, rule):
+    _check("integrated_gradients", twin, images, config=IntegratedGradientsConfig(steps=16, rule=rule))
+
+
+def test_captum_defaults(images):
+    # float64: the first Gauss-Legendre node of 50 (t = 5.7e-4) is an almost constant image, where
+    # the random ResNet's max-pools see near-ties that float32 rounding resolves differently in
+    # torch and XLA (1 % gradient differences at that node, 9e-5 in the attributions).
+    torch_model, model = torch_twin("resnet18")
+    _check("integrated_gradients", ("float64", model, torch_model), images, targets=None)  # predicted classes
+
+
+def test_chunks_mean_baseline_vs_captum_internal_batching(twin, images):
+    config = IntegratedGradientsConfig(steps=10, baseline="mean", chunk=3)
+    _check("integrated_gradients", twin, images, config=config)
+
+
+def test_probability_output_uniform_baseline_vs_captum(twin, images):
+    config = IntegratedGradientsConfig(steps=8, rule="riemann_middle", baseline="uniform", output="probability")
+    _check("integrated_gradients", twin, images, config=config, key=jax.random.key(3))
+
+
+def test_blur_baseline_vs_captum(images):
+    # float64 only: along this path float32 rounding can flip ReLUs of the random net at a few
+    # points (seen with an earlier blur: plain gradients there differed by ~1 %, the IG by 3e-3).
+    torch_model, model = torch_twin("resnet18")
+    config = IntegratedGradientsConfig(steps=8, baseline="blur", blur_sigma=3.0)
+    _check("integrated_gradients", ("float64", model, torch_model), images, config=config)
+
+
+def test_user_baselines(images):
+    torch_model, model = torch_twin("resnet18")
+    baselines = np.random.RandomState(1).rand(*images.shape).astype(np.float32)
+    x = images.astype(np.float32)
+    ours = integrated_gradients(model, x, TARGETS, config=IntegratedGradientsConfig(steps=8), baselines=baselines)
+    theirs = IntegratedGradients(torch_model).attribute(
+        to_torch_images(x), baselines=to_torch_images(baselines), target=torch.from_numpy(TARGETS), n_steps=8
+    )
+    assert crosscheck.max_rel_diff(ours, to_numpy_nhwc(theirs)) <= 1e-5
+    with pytest.raises(ValueError, match="do not broadcast"):
+        integrated_gradients(model, x, TARGETS, baselines=baselines[:, :16])
+
+
+def test_pair_integrated_gradients_vs_saliency(twin, images):
+    dtype, model, torch_model = twin
+    with crosscheck.precision(dtype) as np_dtype:
+        m, x = model.astype(np_dtype), images.astype(np_dtype)
+        t = torch_model.to(torch.float64 if dtype == "float64" else torch.float32)
+        for batch_size in (1, 3):  # 3 does not divide the 10 steps: a smaller last batch, as in PAIR
+            ours, theirs = refs.integrated_gradients_vs_pair(m, t, x, TARGETS, steps=10, batch_size=batch_size)
+            if dtype == "float64":  # per-batch sums into a float32 buffer, then x (x - x') / n
+                np.testing.assert_array_equal(ours, theirs)
+            else:
+                assert crosscheck.max_rel_diff(ours, theirs) <= 1e-5
+
+
+def test_pair_rule_is_captum_trapezoid_plus_end_point_correction(images):
+    """saliency(n) = captum_trapezoid(n) + (g(0) + g(1)) / (2n) (x - x'), for the references and for jaxattr.
+
+    Up to the anchors' float32 steps (PAIR's float32 buffer, captum's float32 nodes and weights):
+    ~1e-6 of the correction term (metrics.md §6: verified to 8e-6)."""
+    torch_model, model = torch_twin("resnet18")
+    n = 10
+    with jax.enable_x64(True):
+        m, t, x = model.astype(np.float64), torch_model.double(), images
+        ours_pair, pair = refs.integrated_gradients_vs_pair(m, t, x, TARGETS, steps=n)
+        config = IntegratedGradientsConfig(steps=n, rule="riemann_trapezoid")
+        ours_trapezoid, trapezoid = refs.integrated_gradients_vs_captum(m, t, x, TARGETS, config=config)
+        ours_ends = [gradient_refs.saliency_vs_captum(m, t, end, TARGETS) for end in (np.zeros_like(x), x)]
+    correction = (ours_ends[0][1] + ours_ends[1][1]) / (2 * n) * x
+    scale = np.abs(correction).max()
+    assert np.abs(pair - trapezoid - correction).max() <= 1e-5 * scale
+    ours_correction = (ours_ends[0][0] + ours_ends[1][0]) / (2 * n) * x
+    assert np.abs(ours_pair - ours_trapezoid - ours_correction).max() <= 1e-5 * scale
+
+
+def test_completeness_delta_equals_captums(images):
+    torch_model, model = torch_twin("resnet18")
+    with jax.enable_x64(True):
+        m, t = model.astype(np.float64), torch_model.double()
+        config = IntegratedGradientsConfig(steps=20, baseline="mean")
+        ours = integrated_gradients(m, images, TARGETS, config=config)
+        baselines = paths.baseline_images("mean", m, images)
+        delta = paths.completeness_delta(m, ours, images, baselines, jnp.asarray(TARGETS))
+        _, captum_delta = IntegratedGradients(t).attribute(
+            to_torch_images(images),
+            baselines=t.mean.expand(len(images), 3, *images.shape[1:3]),
+            target=torch.from_numpy(TARGETS),
+            n_steps=20,
+            return_convergence_delta=True,
+        )
+    np.testing.assert_allclose(np.asarray(delta), captum_delta.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_gnl_ig_vs_captum_with_guided_rules(twin, images):
+    _check("gnl_ig", twin, images)  # GNL's settings: 50 Gauss-Legendre steps, zero normalised baseline
+
+
+def test_gnl_ig_vs_captum_on_vgg11(images):
+    # VGG: non-overlapping max-pools and guided ReLUs in the classifier too (gnl.md §2.4).
+    torch_model, model = torch_twin("vgg11")
+    _check("gnl_ig", ("float64", model, torch_model), images, config=GnlIGConfig(steps=16))
+
+
+def test_gnl_ig_defaults_and_heatmap(images):
+    torch_model, model = torch_twin("resnet18")
+    config = GnlIGConfig()
+    assert (config.steps, config.rule, config.baseline, config.output) == (50, "gausslegendre", "mean", "logit")
+    x = images.astype(np.float32)
+    result = explain(model, x, "gnl_ig", steps=8)
+    h = np.asarray(result.heatmaps)
+    assert h.shape == (2, 32, 32) and np.allclose(h.max(axis=(1, 2)), 1.0) and h.min() >= 0
+    # Guided gradients differ from plain ones: GNL-IG is not IG.
+    assert crosscheck.max_rel_diff(result.attributions, integrated_gradients(model, x, result.targets, config=IntegratedGradientsConfig(steps=8, baseline="mean"))) > 1e-2
+
+
+def test_gnl_ig_needs_a_model(images):
+    _, model = torch_twin("resnet18")
+    with pytest.raises(TypeError, match="pass a jaxattr Model"):
+        gnl_ig(lambda x: model(x), images.astype(np.float32))
+
+
+def test_explain_integrated_gradients(images):
+    _, model = torch_twin("resnet18")
+    result = explain(model, images.astype(np.float32), "integrated_gradients", steps=4, chunk=2)
+    assert result.attributions.shape == (2, 32, 32, 3) and result.heatmaps.shape == (2, 32, 32)
+
+
+def test_config_errors_name_the_choices():
+    with pytest.raises(ValueError, match="expected one of .*riemann_trapezoid.*pair"):
+        IntegratedGradientsConfig(rule="trapezoid")
+    with pytest.raises(ValueError, match="expected one of .*black.*uniform"):
+        IntegratedGradientsConfig(baseline="zeros")
+    with pytest.raises(ValueError, match="chunk"):
+        IntegratedGradientsConfig(chunk=0)
+    with pytest.raises(ValueError, match="steps >= 2"):
+        IntegratedGradientsConfig(rule="riemann_right", steps=1)
+    with pytest.raises(ValueError, match="output"):
+        IntegratedGradientsConfig(output="softmax")

@@ -1,0 +1,153 @@
+"""SmoothGrad / SmoothGrad² / VarGrad against captum's NoiseTunnel and PAIR's GetSmoothedMask with
+the same noise injected into both sides, plus the noise semantics (keys, sigma, chunks)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattr import explain
+from jaxattr.methods.gradcam import gradcam
+from jaxattr.methods.gradients import SaliencyConfig, SmoothGradConfig, smoothgrad
+from jaxattr.methods.integrated_gradients import IntegratedGradientsConfig
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("captum")
+pytest.importorskip("saliency")
+
+from converters import crosscheck  # noqa: E402
+from converters.references import gradients as refs  # noqa: E402
+from converters.torch_models import torch_twin  # noqa: E402
+
+TARGETS = np.array([3, 7])
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.RandomState(0).rand(2, 32, 32, 3)
+
+
+@pytest.fixture(scope="module", params=["float32", "float64"])
+def twin(request):
+    torch_model, model = torch_twin("resnet18")
+    return request.param, model, torch_model
+
+
+def _check(method, twin, images, **options):
+    dtype, model, torch_model = twin
+    result = crosscheck.run(method, model, torch_model, images, TARGETS, dtype=dtype, **options)
+    assert result.ok, result
+
+
+@pytest.mark.parametrize("kind", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+def test_noise_tunnel_saliency_vs_captum(twin, images, kind):
+    # 5 samples in chunks of 2: captum's nt_samples_batch_size partitions, the last one smaller.
+    _check("smoothgrad", twin, images, config=SmoothGradConfig(kind=kind, samples=5, chunk=2))
+
+
+def test_noise_tunnel_integrated_gradients_vs_captum(images):
+    torch_model, model = torch_twin("resnet18")
+    config = SmoothGradConfig(
+        base="integrated_gradients", base_config={"steps": 6, "rule": "riemann_right"}, kind="vargrad", samples=3, relative=False, stdev=0.1
+    )
+    assert config.resolved_base_config == IntegratedGradientsConfig(steps=6, rule="riemann_right")
+    _check("smoothgrad", ("float32", model, torch_model), images, config=config)
+
+
+def test_saliency_vs_captum(twin, images):
+    _check("saliency", twin, images)
+
+
+@pytest.mark.parametrize("kind", ["smoothgrad", "smoothgrad_sq"])
+def test_get_smoothed_mask_vs_pair(twin, images, kind):
+    dtype, model, torch_model = twin
+    with crosscheck.precision(dtype) as np_dtype:
+        t = torch_model.to(torch.float64 if dtype == "float64" else torch.float32)
+        ours, theirs = refs.smoothgrad_vs_pair(
+            model.astype(np_dtype), t, images.astype(np_dtype), TARGETS, config=SmoothGradConfig(kind=kind, samples=4)
+        )
+    # PAIR accumulates in a float32 buffer even for float64 inputs (ig2_and_pair.md §B.6: 8e-8).
+    assert crosscheck.max_rel_diff(ours, theirs) <= (1e-5 if dtype == "float32" else 2e-7)
+
+
+# ------------------------------------------------------------------------------- noise semantics
+
+
+def _half_squared_norm(x):
+    """One 'logit', 0.5 |x|^2 per image: its gradient at x + n is x + n, so VarGrad estimates sigma^2."""
+    return 0.5 * jnp.sum(x * x, axis=(1, 2, 3))[:, None]
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_noise_standard_deviation(relative):
+    x = np.random.RandomState(1).rand(2, 8, 8, 3).astype(np.float32)
+    x[1] *= 0.25  # a smaller range: a smaller relative sigma
+    config = SmoothGradConfig(kind="vargrad", samples=1000, stdev=0.2, relative=relative, chunk=250)
+    variance = np.asarray(smoothgrad(_half_squared_norm, x, 0, config=config, key=jax.random.key(0)))
+    sigma = 0.2 * np.ptp(x, axis=(1, 2, 3)) if relative else np.full(2, 0.2)
+    # 192 features x 1000 samples: the mean of the variance estimates is within ~0.5 % of sigma^2.
+    np.testing.assert_allclose(variance.mean(axis=(1, 2, 3)), sigma**2, rtol=0.02)
+
+
+def test_same_key_same_map_any_chunk_any_batch():
+    _, model = torch_twin("resnet18")
+    x = np.random.RandomState(2).rand(3, 16, 16, 3).astype(np.float32)
+    run = lambda images, seed, chunk=None: np.asarray(
+        smoothgrad(model, images, 5, config=SmoothGradConfig(samples=6, chunk=chunk), key=jax.random.key(seed))
+    )
+    first = run(x, 0)
+    np.testing.assert_array_equal(first, run(x, 0))
+    assert crosscheck.max_rel_diff(run(x, 0, chunk=4), first) <= 1e-6  # summation order only
+    assert crosscheck.max_rel_diff(run(x[:2], 0), first[:2]) <= 1e-6  # an image's noise ignores the batch
+    assert crosscheck.max_rel_diff(run(x, 1), first) > 1e-2
+
+
+def test_explicit_noise_is_added_as_is():
+    x = np.random.RandomState(3).rand(2, 4, 4, 3).astype(np.float32)
+    noise = np.random.RandomState(4).randn(3, *x.shape).astype(np.float32)
+    config = SmoothGradConfig(kind="smoothgrad_sq", samples=3)
+    ours = smoothgrad(_half_squared_norm, x, 0, config=config, noise=noise)
+    np.testing.assert_allclose(ours, np.mean((x + noise) ** 2, axis=0), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"noise must have shape \(3, 2, 4, 4, 3\)"):
+        smoothgrad(_half_squared_norm, x, 0, config=config, noise=noise[:2])
+
+
+def test_explain_smoothgrad(images):
+    _, model = torch_twin("resnet18")
+    x = images.astype(np.float32)
+    result = explain(model, x, "smoothgrad", samples=3, key=jax.random.key(0))
+    assert result.attributions.shape == x.shape and result.heatmaps.shape == (2, 32, 32)
+    with pytest.raises(ValueError, match="stochastic: pass key"):
+        explain(model, x, "smoothgrad")
+    with pytest.raises(ValueError, match="random: pass key"):
+        smoothgrad(model, x)
+
+
+def test_any_registered_method_is_a_base(images):
+    _, model = torch_twin("resnet18")
+    x = images.astype(np.float32)
+    noise = np.random.RandomState(5).randn(2, *x.shape).astype(np.float32) * 0.1
+    config = SmoothGradConfig(base="gradcam", samples=2)
+    ours = np.asarray(smoothgrad(model, x, TARGETS, config=config, noise=noise))
+    per_sample = [np.asarray(gradcam(model, x + n, TARGETS)) for n in noise]
+    np.testing.assert_allclose(ours, np.mean(per_sample, axis=0), rtol=1e-5, atol=1e-6 * np.abs(ours).max())
+    result = explain(model, x, "smoothgrad", base="gradcam", samples=2, key=jax.random.key(0))
+    assert result.heatmaps.shape == (2, 32, 32)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown method 'gradient'; available: saliency"):
+        SmoothGradConfig(base="gradient")
+    with pytest.raises(ValueError, match="expected one of .*smoothgrad_sq.*vargrad"):
+        SmoothGradConfig(kind="smoothgrad_squared")
+    with pytest.raises(ValueError, match="saliency has no option steps; options: multiply_by_inputs, output"):
+        SmoothGradConfig(base_config={"steps": 3})
+    with pytest.raises(TypeError, match="must be a SaliencyConfig"):
+        SmoothGradConfig(base_config=IntegratedGradientsConfig())
+    # Changing the base keeps a mapping of options meaningful (and hashable).
+    config = dataclasses.replace(SmoothGradConfig(base_config={"output": "probability"}), base="integrated_gradients")
+    assert config.resolved_base_config == IntegratedGradientsConfig(output="probability")
+    assert hash(config) == hash(dataclasses.replace(config))
+    assert SmoothGradConfig(base_config=SaliencyConfig(multiply_by_inputs=True)).resolved_base_config.multiply_by_inputs
