@@ -23,7 +23,7 @@ import torch
 from captum.attr import IntegratedGradients
 
 from converters.crosscheck import max_rel_diff
-from converters.references.pair import _score_gradients
+from converters.references.pair import pair_call_model
 from converters.torch_models import to_numpy_nhwc, to_torch_images, torch_twin
 from jaxattr.methods.integrated_gradients import IntegratedGradientsConfig, integrated_gradients
 
@@ -74,7 +74,7 @@ def bench_model(name: str, args) -> dict:
     def pair_run():  # one image at a time, as PAIR's API takes them; its own inclusive-mean rule
         for image, target in zip(images, targets):
             saliency.IntegratedGradients().GetMask(
-                image, _score_gradients(torch_model, int(target), "logit"),
+                image, pair_call_model(torch_model, int(target), "logit"),
                 x_steps=args.steps, batch_size=args.chunk or args.steps,
             )
 

@@ -42,6 +42,8 @@ def reference(method: str, *, reference: str, tolerance: dict[str, float], defau
     """Decorator registering a runner for `method`."""
 
     def wrap(runner: Runner) -> Runner:
+        if method in _REFERENCES:
+            raise ValueError(f"a reference for {method!r} is already registered ({_REFERENCES[method].reference})")
         _REFERENCES[method] = Reference(method, runner, reference, tolerance, default_dtype)
         return runner
 
@@ -75,11 +77,8 @@ def precision(dtype: str):
 
 
 def _cast_weights(torch_model: PixelInput, dtype: torch.dtype) -> PixelInput:
-    """A copy with the wrapped model in `dtype` (the caller's model is left as it was); the
-    normalisation buffers stay float64 (see PixelInput)."""
-    torch_model = copy.deepcopy(torch_model)
-    torch_model.model.to(dtype)
-    return torch_model
+    """A copy in `dtype`; the caller's model is left as it was."""
+    return copy.deepcopy(torch_model).to(dtype)
 
 
 @dataclasses.dataclass(frozen=True)

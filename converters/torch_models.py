@@ -83,12 +83,18 @@ class PixelInput(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, mean, std):
         super().__init__()
         self.model = model
-        # float64 buffers cast to the input dtype round exactly as jnp.asarray(mean, dtype) does.
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1))
+        # Plain floats, not buffers, so `.to(dtype)` cannot round them: cast from float64 at each
+        # call they round exactly as jnp.asarray(mean, dtype) does on the jaxattr side.
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def normalisation(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as (1, 3, 1, 1) tensors of `dtype`."""
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1).to(dtype)
+        return as_tensor(self.mean), as_tensor(self.std)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model((pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype))
+        mean, std = self.normalisation(pixels.dtype)
+        return self.model((pixels - mean) / std)
 
 
 def torch_twin(name: str, *, seed: int = 0, nonlinearity: str = "standard") -> tuple[PixelInput, Model]:

@@ -23,6 +23,7 @@ import sys
 import time
 import types
 import typing
+import zlib
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence, TextIO
 
@@ -496,13 +497,23 @@ def _write_outputs(
     viz.save_png(png, viz.panel(image, heatmap, alpha) if panel else viz.overlay(image, heatmap, alpha))
 
 
-def _explain_batch(model, method: str, images: list[np.ndarray], static_size: int, key, config, target):
+def _image_keys(seed: int, names: list[str]) -> jax.Array:
+    """One key per image from the seed and its output name, so a stochastic method gives an image
+    the same map in any batch, in a resumed run as in an uninterrupted one."""
+    base = jax.random.key(seed)
+    return jnp.stack([jax.random.fold_in(base, zlib.crc32(name.encode())) for name in names])
+
+
+def _explain_batch(model, method: str, images: list[np.ndarray], static_size: int, keys, config, target):
     """Attributions, heatmaps, classes and probabilities (numpy) of `images`.
 
-    The batch is padded to `static_size` by repeating its last image, so every batch has one
-    shape and the method compiles once."""
-    batch = np.stack(images + [images[-1]] * (static_size - len(images)))
-    result = explain(model, jnp.asarray(batch), method, targets=target, key=key, config=config)
+    The batch (and its per-image keys) is padded to `static_size` by repeating its last image, so
+    every batch has one shape and the method compiles once."""
+    padding = static_size - len(images)
+    batch = np.stack(images + [images[-1]] * padding)
+    if keys is not None and padding:
+        keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], padding)])
+    result = explain(model, jnp.asarray(batch), method, targets=target, key=keys, config=config)
     n = len(images)
     return (
         np.asarray(result.attributions[:n]),
@@ -563,7 +574,8 @@ def _explain_images(
     static_size = min(args.batch_size, len(todo))
     progress = Progress(len(todo), sys.stderr)
     records = {}
-    for batch_number, start in enumerate(range(0, len(todo), static_size)):
+    stochastic = method_info(args.method).stochastic
+    for start in range(0, len(todo), static_size):
         batch_paths, loaded = todo[start : start + static_size], []
         for path in batch_paths:
             try:
@@ -574,9 +586,9 @@ def _explain_images(
                 )
                 progress.note(f"skipped unreadable {e}")
         if loaded:
-            key = jax.random.fold_in(jax.random.key(args.seed), batch_number)
+            keys = _image_keys(args.seed, [names[path] for path, _ in loaded]) if stochastic else None
             images = [image for _, image in loaded]
-            results = _explain_batch(model, args.method, images, static_size, key, config, target)
+            results = _explain_batch(model, args.method, images, static_size, keys, config, target)
             for (path, image), attribution, heatmap, cls, probability in zip(loaded, *results, strict=True):
                 name, cls = names[path], int(cls)
                 record = ImageRecord(

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxattr.methods._common import as_forward, check_inputs
+from jaxattr.methods._common import as_forward, check_inputs, is_key_batch
 from jaxattr.methods.registry import method_info
+from jaxattr.resize import resize
 from jaxattr.sharding import data_parallel
 
 
@@ -61,8 +62,9 @@ def explain(
     `devices` (e.g. jax.local_devices()) runs data parallel: the batch is split over the devices,
     the parameters replicated; the results equal a single-device run (`jaxattr.sharding`)."""
     if devices is not None:
-        run = lambda m, x, t: explain(m, x, method, targets=t, key=key, config=config, **overrides)
-        return data_parallel(run, model, images, targets, devices=devices)
+        keys = [key] if is_key_batch(key, jnp.shape(images)[0]) else []
+        run = lambda m, x, t, *k: explain(m, x, method, targets=t, key=k[0] if k else key, config=config, **overrides)
+        return data_parallel(run, model, images, targets, per_image=keys, devices=devices)
     info = method_info(method)
     config = method_config(method, config, **overrides)
     check_inputs(images, targets)
@@ -74,6 +76,6 @@ def explain(
     attributions = info.fn(model, images, targets, config=config, key=key)
     maps = info.heatmap(attributions)
     if maps.shape[1:3] != images.shape[1:3]:
-        maps = jax.image.resize(maps, (maps.shape[0], *images.shape[1:3]), "linear", antialias=False)
+        maps = resize(maps, images.shape[1:3], "bilinear")
     target_probabilities = jnp.take_along_axis(probabilities, targets[:, None], axis=-1)[:, 0]
     return Explanation(attributions, maps, targets, target_probabilities)

@@ -46,19 +46,22 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
 
 
 def data_parallel(
-    fn: Callable[[Any, jax.Array, Any], Any],
+    fn: Callable[..., Any],
     model: Any,
     images: Any,
     targets: Any = None,
     *,
+    per_image: Sequence[Any] = (),
     devices: Sequence[jax.Device] | None = None,
 ) -> Any:
-    """fn(model, images, targets) with the batch split over `devices`: a pytree whose leaves have a
-    leading batch axis, equal to the single-device result. `targets` may be None, an int or one
-    class per image (split with the images)."""
+    """fn(model, images, targets, *per_image) with the batch split over `devices`: a pytree whose
+    leaves have a leading batch axis, equal to the single-device result. `targets` may be None, an
+    int or one class per image; it and the `per_image` arrays (e.g. one key per image) are split
+    with the images."""
     mesh = batch_mesh(devices)
     batch = jnp.shape(images)[0]
     if targets is not None and jnp.ndim(targets) == 1:
         targets = shard_batch(mesh, targets)
-    result = fn(replicate(mesh, model), shard_batch(mesh, images), targets)
+    per_image = [shard_batch(mesh, array) for array in per_image]
+    result = fn(replicate(mesh, model), shard_batch(mesh, images), targets, *per_image)
     return jax.tree_util.tree_map(lambda leaf: leaf[:batch], result)

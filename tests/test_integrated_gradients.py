@@ -133,7 +133,7 @@ def test_completeness_delta_equals_captums(images):
         delta = paths.completeness_delta(m, ours, images, baselines, jnp.asarray(TARGETS))
         _, captum_delta = IntegratedGradients(t).attribute(
             to_torch_images(images),
-            baselines=t.mean.expand(len(images), 3, *images.shape[1:3]),
+            baselines=t.normalisation(torch.float64)[0].expand(len(images), 3, *images.shape[1:3]),
             target=torch.from_numpy(TARGETS),
             n_steps=20,
             return_convergence_delta=True,

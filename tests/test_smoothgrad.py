@@ -12,6 +12,7 @@ from jaxattr import explain
 from jaxattr.methods.gradcam import gradcam
 from jaxattr.methods.gradients import SaliencyConfig, SmoothGradConfig, smoothgrad
 from jaxattr.methods.integrated_gradients import IntegratedGradientsConfig
+from jaxattr.models import create_model
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("captum")
@@ -102,6 +103,20 @@ def test_same_key_same_map_any_chunk_any_batch():
     assert crosscheck.max_rel_diff(run(x, 0, chunk=4), first) <= 1e-6  # summation order only
     assert crosscheck.max_rel_diff(run(x[:2], 0), first[:2]) <= 1e-6  # an image's noise ignores the batch
     assert crosscheck.max_rel_diff(run(x, 1), first) > 1e-2
+
+
+def test_per_image_keys_make_each_map_independent_of_its_batch():
+    model = create_model("resnet18", weights=None)
+    images = np.random.RandomState(1).rand(3, 16, 16, 3).astype(np.float32)
+    keys = jax.random.split(jax.random.key(5), 3)
+    config = SmoothGradConfig(samples=3)
+    together = np.asarray(smoothgrad(model, images, config=config, key=keys))
+    for i in range(3):
+        alone = np.asarray(smoothgrad(model, images[i : i + 1], config=config, key=keys[i : i + 1]))
+        # Same noise; only the convolution's batch size (and so its rounding) differs.
+        assert crosscheck.max_rel_diff(together[i], alone[0]) <= 1e-6
+    with pytest.raises(ValueError, match="per-image keys cannot be combined with noise"):
+        smoothgrad(model, images, config=config, key=keys, noise=np.zeros((3, 3, 16, 16, 3), np.float32))
 
 
 def test_explicit_noise_is_added_as_is():

@@ -16,7 +16,7 @@ import torch
 from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
 from converters.crosscheck import reference
-from converters.references.pair import _score_gradients
+from converters.references.pair import pair_call_model
 from converters.torch_models import PixelInput, to_numpy_nhwc, to_torch_images
 from jaxattr.methods.gradients import SmoothGradConfig, saliency as saliency_map, smoothgrad
 
@@ -107,7 +107,7 @@ def smoothgrad_vs_pair(model, torch_model, images, targets, *, config: SmoothGra
         theirs.append(
             saliency.GradientSaliency().GetSmoothedMask(
                 image,
-                _score_gradients(torch_model, int(target), "logit"),
+                pair_call_model(torch_model, int(target), "logit"),
                 stdev_spread=config.stdev,
                 nsamples=config.samples,
                 magnitude=config.kind == "smoothgrad_sq",

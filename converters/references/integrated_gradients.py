@@ -15,7 +15,7 @@ from captum.attr import IntegratedGradients
 
 from converters.crosscheck import reference
 from converters.guided import guided
-from converters.references.pair import _score_gradients
+from converters.references.pair import pair_call_model
 from converters.torch_models import PixelInput, to_numpy_nhwc, to_torch_images
 from jaxattr import paths
 from jaxattr.methods.integrated_gradients import GnlIGConfig, IntegratedGradientsConfig, gnl_ig, integrated_gradients
@@ -35,7 +35,7 @@ def captum_baselines(config: IntegratedGradientsConfig, torch_model: PixelInput,
     if config.baseline == "black":
         return 0.0
     if config.baseline == "mean":
-        return torch_model.mean.to(dtype)
+        return torch_model.normalisation(dtype)[0]
     if config.baseline == "blur":  # saliency's Blur IG blur: zero padding, no blur across channels
         blurred = [scipy.ndimage.gaussian_filter(x, (config.blur_sigma, config.blur_sigma, 0), mode="constant") for x in images]
         return to_torch_images(np.stack(blurred)).to(dtype)
@@ -85,7 +85,7 @@ def integrated_gradients_vs_pair(
     ours = integrated_gradients(model, images, targets, config=config)
     theirs = [
         saliency.IntegratedGradients().GetMask(
-            image, _score_gradients(torch_model, int(target), output), x_steps=steps, batch_size=batch_size
+            image, pair_call_model(torch_model, int(target), output), x_steps=steps, batch_size=batch_size
         )
         for image, target in zip(images, targets)
     ]
@@ -108,7 +108,8 @@ def gnl_ig_vs_captum(model, torch_model: PixelInput, images, targets, *, config:
     ours = gnl_ig(model, images, targets, config=config)
     dtype = _torch_dtype(torch_model)
     pixels = to_torch_images(images)
-    normalised = (pixels - torch_model.mean.to(dtype)) / torch_model.std.to(dtype)
+    mean, std = torch_model.normalisation(dtype)
+    normalised = (pixels - mean) / std
     with guided(torch_model.model, "guided") as guided_model:
         theirs = IntegratedGradients(_score_function(guided_model, config.output)).attribute(
             normalised,

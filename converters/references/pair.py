@@ -21,7 +21,7 @@ from jaxattr.methods.blur_ig import BlurIGConfig, blur_ig
 from jaxattr.methods.guided_ig import GuidedIGConfig, guided_ig
 
 
-def _score_gradients(torch_model: torch.nn.Module, target: int, output: str):
+def pair_call_model(torch_model: torch.nn.Module, target: int, output: str):
     """A saliency `call_model_function`: NHWC batch -> d score[target] / d pixels, NHWC, in the model's
     dtype; the score is the logit or the softmax probability, as jaxattr's `output` option.
 
@@ -69,7 +69,7 @@ def guided_ig_vs_pair(model, torch_model, images, targets, *, config: GuidedIGCo
         theirs = [
             saliency.GuidedIG().GetMask(
                 image,
-                _score_gradients(torch_model, int(target), config.output),
+                pair_call_model(torch_model, int(target), config.output),
                 x_steps=config.steps,
                 fraction=config.fraction,
                 max_dist=config.max_dist,
@@ -94,7 +94,7 @@ def blur_ig_vs_pair(model, torch_model, images, targets, *, config: BlurIGConfig
     theirs = [
         saliency.BlurIG().GetMask(
             image,
-            _score_gradients(torch_model, int(target), config.output),
+            pair_call_model(torch_model, int(target), config.output),
             max_sigma=config.max_sigma,
             steps=config.steps,
             grad_step=config.grad_step,

@@ -9,17 +9,16 @@ wrapped in a Partial (its closed-over arrays then become compile-time constants)
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxattr.models import Head, Model, check_images
+from jaxattr.scores import OUTPUTS as OUTPUTS, Output as Output, select_scores
 
 Forward = Callable[[Array], Array]
-Output = Literal["logit", "probability"]
-OUTPUTS: tuple[str, ...] = ("logit", "probability")
 
 
 def as_forward(forward: Forward) -> Forward:
@@ -60,12 +59,7 @@ def target_scores(
     forward: Forward, images: Array, targets: Int[Array, " b"], output: Output = "logit"
 ) -> Float[Array, " b"]:
     """The explained quantity per image: the target's logit or softmax probability."""
-    logits = forward(images)
-    if output == "probability":
-        logits = jax.nn.softmax(logits, axis=-1)
-    elif output != "logit":
-        raise ValueError(f"unknown output {output!r}; expected one of {OUTPUTS}")
-    return jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return select_scores(forward(images), targets, output)
 
 
 def input_gradients(
@@ -86,6 +80,20 @@ def image_keys(key: jax.Array, batch: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
 
 
+def is_key_batch(key: jax.Array | None, batch: int) -> bool:
+    """Whether `key` holds one typed key per image (jax.random.key; a raw uint32 key is one key)."""
+    return (
+        isinstance(key, jax.Array)
+        and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        and key.shape == (batch,)
+    )
+
+
+@jax.jit
+def _predicted_classes(forward: Forward, images: Array) -> Int[Array, " b"]:
+    return jnp.argmax(forward(images), axis=-1)
+
+
 def attribution_method(config_cls: type):
     """Decorator turning an implementation `fn(forward, images, targets, key, *, config)` into the
     public method `method(forward, images, targets=None, *, config=config_cls(), key=None)`.
@@ -93,7 +101,11 @@ def attribution_method(config_cls: type):
     The implementation is jit-compiled with the (frozen, hashable) config static; targets may be
     None (predicted class, resolved inside the compiled function). Array inputs that cannot live
     in a static config (a baseline array, explicit noise) are extra keyword arguments of `fn`,
-    passed through unchanged."""
+    passed through unchanged.
+
+    `key` is one key for the batch (each image then draws from fold_in(key, its index)) or one
+    typed key per image, shape (b,): each image is then computed from its own key alone, so its
+    map does not depend on which batch it came in (the CLI keys images by file name)."""
 
     def wrap(fn):
         compiled = jax.jit(fn, static_argnames=("config",))
@@ -104,7 +116,15 @@ def attribution_method(config_cls: type):
             config = config_cls() if config is None else config
             if not isinstance(config, config_cls):
                 raise TypeError(f"{fn.__name__} takes a {config_cls.__name__}, got {type(config).__name__}")
-            return compiled(as_forward(forward), images, targets, key, config=config, **arrays)
+            forward = as_forward(forward)
+            if not is_key_batch(key, images.shape[0]):
+                return compiled(forward, images, targets, key, config=config, **arrays)
+            if arrays:
+                raise ValueError(f"per-image keys cannot be combined with {', '.join(arrays)}: pass one key")
+            targets = _predicted_classes(forward, images) if targets is None else targets
+            targets = jnp.broadcast_to(jnp.asarray(targets, jnp.int32), images.shape[:1])
+            one = lambda x, t, k: compiled(forward, x[None], t[None], k, config=config)[0]
+            return jax.vmap(one)(images, targets, key)
 
         method.config_class = config_cls
         return method

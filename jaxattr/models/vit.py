@@ -34,6 +34,7 @@ from jaxattr.models._model import Model, check_images
 from jaxattr.models.registry import ModelInfo, register
 from jaxattr.nn import Conv2d, LayerNorm, Linear, gelu
 from jaxattr.resize import resize
+from jaxattr.scores import select_scores
 
 ATTENTION = "attention"  # variable name of the attention in every collection below
 OVERRIDE_COLLECTION = "attention_override"
@@ -359,12 +360,6 @@ def attention_maps(
     return _attention_maps(model, images, override)
 
 
-def _target_scores(logits: Float[Array, "b k"], targets: Int[Array, " b"], output: str) -> Float[Array, " b"]:
-    if output == "probability":
-        logits = jax.nn.softmax(logits, axis=-1)
-    return jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-
-
 @functools.partial(jax.jit, static_argnames="output")
 def _attention_gradients(model: Model, images: Array, targets: Array, override, output: str):
     vit = model.module
@@ -374,7 +369,7 @@ def _attention_gradients(model: Model, images: Array, targets: Array, override, 
     def summed_scores(perturbations):
         logits, attention = _forward(model, images, override, perturbations)
         # Images do not interact, so the gradient of the sum is each image's own gradient.
-        return _target_scores(logits, targets, output).sum(), (logits, attention)
+        return select_scores(logits, targets, output).sum(), (logits, attention)
 
     grads, (logits, attention) = jax.grad(summed_scores, has_aux=True)(zeros)
     return logits, attention, _stack_blocks(vit, grads)
