@@ -32,7 +32,7 @@ class Reference:
     runner: Runner
     reference: str  # what it is compared with, e.g. "captum IntegratedGradients (gausslegendre)"
     tolerance: dict[str, float]  # dtype name -> max_rel_diff allowed
-    default_dtype: str = "float32"  # chaotic methods (Guided IG) compare in float64
+    default_dtype: str = "float32"  # float64 where float32 comparisons are chaotic (see each runner)
 
 
 _REFERENCES: dict[str, Reference] = {}

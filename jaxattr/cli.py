@@ -41,7 +41,7 @@ from jaxattr.models.registry import ModelInfo, cache_path, local_weights_file
 from jaxattr.models.weights import save_params
 
 DEFAULT_MODEL = "efficientnet_lite0"
-DEFAULT_METHOD = "saliency"
+DEFAULT_METHOD = "integrated_gradients"
 SUMMARY_JSON = "summary.json"
 SUMMARY_CSV = "summary.csv"
 # Modules of the optional extras; a missing one means "install the extra", not a bug.
@@ -166,7 +166,10 @@ def build_parser(method: str | None = DEFAULT_METHOD) -> argparse.ArgumentParser
     )
     ex.add_argument("--overwrite", action="store_true", help="recompute images whose outputs exist")
     ex.add_argument("--panel", action="store_true", help="write image | heatmap | overlay side by side")
-    ex.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlay (default 0.5)")
+    ex.add_argument(
+        "--alpha", type=float, default=viz.OVERLAY_ALPHA,
+        help=f"opacity of the hottest pixels in the overlay (default {viz.OVERLAY_ALPHA})",
+    )
     ex.add_argument("--recursive", action="store_true", help="also take images in subdirectories")
     if method is not None:
         _add_config_options(ex, method)

@@ -29,10 +29,14 @@ def diverging(attributions: Float[Array, "b h w c"], percentile: float = 99.0) -
     return jnp.clip(_safe_ratio(m + span, 2 * span), -1.0, 1.0)
 
 
-def abs_channel_sum(attributions: Float[Array, "b h w c"]) -> Float[Array, "b h w"]:
-    """GNL's heatmap: |sum_c a| divided by its maximum (sum over channels, then abs)."""
+def abs_channel_sum(attributions: Float[Array, "b h w c"], percentile: float = 100.0) -> Float[Array, "b h w"]:
+    """GNL's heatmap: |sum_c a| (sum over channels, then abs) divided by its maximum.
+
+    percentile < 100 divides by that percentile instead and clips at 1, PAIR's display contrast:
+    the few extreme pixels of an IG map would otherwise leave the rest near 0."""
     m = jnp.abs(jnp.sum(attributions, axis=-1))
-    return _safe_ratio(m, jnp.max(m, axis=(1, 2), keepdims=True))
+    scale = jnp.percentile(m, percentile, axis=(1, 2), keepdims=True)
+    return jnp.clip(_safe_ratio(m, scale), 0.0, 1.0)
 
 
 def min_max(maps: Float[Array, "b h w"]) -> Float[Array, "b h w"]:

@@ -64,21 +64,28 @@ def colorize(heatmap: Float[np.ndarray, "h w"], shape: tuple[int, int]) -> Float
     return turbo(resize_heatmap(heatmap, shape))
 
 
+# Opacity of the hottest pixels; pixel attributions are sparse, so lower values hide them.
+OVERLAY_ALPHA = 0.8
+
+
 def overlay(
-    image: Float[np.ndarray, "h w 3"], heatmap: Float[np.ndarray, "hh ww"], alpha: float = 0.5
+    image: Float[np.ndarray, "h w 3"], heatmap: Float[np.ndarray, "hh ww"], alpha: float = OVERLAY_ALPHA
 ) -> Float[np.ndarray, "h w 3"]:
-    """The coloured heatmap, resized to the image, alpha-blended over it:
-    (1 - alpha) * image + alpha * turbo(heatmap)."""
+    """The coloured heatmap, resized to the image, blended over it with opacity alpha * heat:
+    (1 - w) * image + w * turbo(heatmap), w = alpha * heatmap. Where the map is low the photo
+    shows unchanged, so the salient regions stand out instead of the whole image turning blue."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     image = _check_image(image)
-    return (1 - alpha) * image + alpha * colorize(heatmap, image.shape[:2])
+    heat = resize_heatmap(heatmap, image.shape[:2])
+    weight = alpha * np.clip(heat, 0.0, 1.0)[..., None]
+    return (1 - weight) * image + weight * turbo(heat)
 
 
 def panel(
     image: Float[np.ndarray, "h w 3"],
     heatmap: Float[np.ndarray, "hh ww"],
-    alpha: float = 0.5,
+    alpha: float = OVERLAY_ALPHA,
     gap: int = 4,
 ) -> Float[np.ndarray, "h w3 3"]:
     """image | coloured heatmap | overlay, side by side, separated by `gap` white columns."""

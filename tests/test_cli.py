@@ -52,8 +52,9 @@ def images(tmp_path) -> Path:
 
 
 def _explain(inputs, out, weights, *extra) -> int:
+    """`jaxattr explain` with saliency (the cheapest method) unless `extra` names another one."""
     argv = ["explain", *map(str, inputs), "--model", "resnet18", "--weights", str(weights), "--out", str(out)]
-    return cli.main([*argv, "--batch-size", "2", *extra])
+    return cli.main([*argv, "--batch-size", "2", "--method", "saliency", *extra])
 
 
 def _summary(out: Path) -> dict[str, dict]:

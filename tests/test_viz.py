@@ -47,16 +47,21 @@ def test_resize_heatmap():
         viz.resize_heatmap(np.zeros((2, 2, 1)), (4, 4))
 
 
-def test_overlay_blends_the_resized_coloured_heatmap():
+def test_overlay_blends_the_resized_coloured_heatmap_by_its_heat():
     rng = np.random.default_rng(0)
     image = rng.random((8, 6, 3)).astype(np.float32)
     heatmap = rng.random((4, 3)).astype(np.float32)
-    colours = viz.turbo(viz.resize_heatmap(heatmap, (8, 6)))
+    heat = viz.resize_heatmap(heatmap, (8, 6))[..., None]
+    colours = viz.turbo(heat[..., 0])
     np.testing.assert_allclose(viz.overlay(image, heatmap, alpha=0.0), image)
-    np.testing.assert_allclose(viz.overlay(image, heatmap, alpha=1.0), colours)
+    np.testing.assert_allclose(viz.overlay(image, heatmap, alpha=1.0), (1 - heat) * image + heat * colours, rtol=1e-6)
+    weight = 0.25 * heat
     np.testing.assert_allclose(
-        viz.overlay(image, heatmap, alpha=0.25), 0.75 * image + 0.25 * colours, rtol=1e-6
+        viz.overlay(image, heatmap, alpha=0.25), (1 - weight) * image + weight * colours, rtol=1e-6
     )
+    cold, hot = np.zeros((4, 3), np.float32), np.ones((4, 3), np.float32)
+    np.testing.assert_allclose(viz.overlay(image, cold, alpha=0.5), image)  # no heat: the photo as is
+    np.testing.assert_allclose(viz.overlay(image, hot, alpha=1.0), viz.turbo(np.ones((8, 6), np.float32)))
     with pytest.raises(ValueError, match="alpha"):
         viz.overlay(image, heatmap, alpha=1.5)
     with pytest.raises(ValueError, match="RGB image"):

@@ -13,6 +13,7 @@ Gauss-Legendre weights (a ~1e-8 relative difference, visible only in float64).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from jaxtyping import Array, Float
 
@@ -98,7 +99,8 @@ register_method(
         "gnl_ig",
         gnl_ig,
         GnlIGConfig,
-        heatmaps.abs_channel_sum,
+        # GNL's |sum_c a| with display contrast; GNL's own map is heatmaps.abs_channel_sum(a).
+        functools.partial(heatmaps.abs_channel_sum, percentile=99.0),
         "Integrated Gradients with guided ReLU/max-pool backward rules (GNL)",
     )
 )
