@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Sequence
 
 import jax
@@ -52,6 +53,7 @@ def explain(
     key: jax.Array | None = None,
     config: Any = None,
     devices: Sequence[jax.Device] | None = None,
+    baselines: Float[Array, "*f"] | None = None,
     **overrides: Any,
 ) -> Explanation:
     """Explain each image's target class (default: the predicted class) with `method`.
@@ -60,12 +62,25 @@ def explain(
     e.g. explain(model, x, "integrated_gradients", steps=32).
 
     `devices` (e.g. jax.local_devices()) runs data parallel: the batch is split over the devices,
-    the parameters replicated; the results equal a single-device run (`jaxattr.sharding`)."""
-    if devices is not None:
-        keys = [key] if is_key_batch(key, jnp.shape(images)[0]) else []
-        run = lambda m, x, t, *k: explain(m, x, method, targets=t, key=k[0] if k else key, config=config, **overrides)
-        return data_parallel(run, model, images, targets, per_image=keys, devices=devices)
+    the parameters replicated; the results equal a single-device run (`jaxattr.sharding`).
+
+    `baselines` (path methods: integrated_gradients, gnl_ig, guided_ig) replaces the config's
+    named baseline by an array broadcastable to the images: one per image, one image, a colour."""
     info = method_info(method)
+    if baselines is not None and "baselines" not in inspect.signature(info.fn).parameters:
+        raise ValueError(f"{method} takes no baselines")
+    if devices is not None:
+        batch = jnp.shape(images)[0]
+        per_image = {"key": key} if is_key_batch(key, batch) else {}
+        if baselines is not None and jnp.ndim(baselines) == jnp.ndim(images) and jnp.shape(baselines)[0] == batch:
+            per_image["baselines"] = baselines
+        shared = {"key": key, "baselines": baselines} | {name: None for name in per_image}
+
+        def run(m, x, t, *arrays):
+            named = shared | dict(zip(per_image, arrays))
+            return explain(m, x, method, targets=t, config=config, **named, **overrides)
+
+        return data_parallel(run, model, images, targets, per_image=list(per_image.values()), devices=devices)
     config = method_config(method, config, **overrides)
     check_inputs(images, targets)
     if info.stochastic and key is None:
@@ -73,7 +88,8 @@ def explain(
     forward = as_forward(model)
     predicted, probabilities = _predict(forward, images)
     targets = predicted if targets is None else jnp.broadcast_to(jnp.asarray(targets, jnp.int32), predicted.shape)
-    attributions = info.fn(model, images, targets, config=config, key=key)
+    arrays = {} if baselines is None else {"baselines": baselines}
+    attributions = info.fn(model, images, targets, config=config, key=key, **arrays)
     maps = info.heatmap(attributions)
     if maps.shape[1:3] != images.shape[1:3]:
         maps = resize(maps, images.shape[1:3], "bilinear")

@@ -44,6 +44,30 @@ def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def depthwise_conv_by_shifts(
+    x: Float[Array, "b h w c"],
+    kernel: Float[Array, "kh kw 1 c"],
+    strides: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+) -> Float[Array, "b h2 w2 c"]:
+    """A depthwise convolution (one filter per channel) as the sum of kh x kw strided views of the
+    padded input, each scaled by one kernel tap. XLA:CPU runs grouped convolutions as a generic
+    loop; this form fuses into one elementwise pass and is 10-40x faster forward and backward on
+    EfficientNet's depthwise shapes (measured at batch 4, 224 px). Other platforms keep the
+    native convolution (`Conv2d` picks per platform)."""
+    kh, kw = kernel.shape[:2]
+    sh, sw = strides
+    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    out_h = (padded.shape[1] - kh) // sh + 1
+    out_w = (padded.shape[2] - kw) // sw + 1
+    taps = [
+        padded[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :] * kernel[i, j, 0]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return functools.reduce(jnp.add, taps)
+
+
 class Conv2d(nn.Module):
     """torch.nn.Conv2d on NHWC input, groups, bias, with explicit padding: symmetric amounts as
     torch takes them, or "tf_same" for ports of TensorFlow-trained weights (timm's Conv2dSame),
@@ -70,14 +94,19 @@ class Conv2d(nn.Module):
             nn.initializers.lecun_normal(),
             (kh, kw, x.shape[-1] // self.groups, self.features),
         )
-        y = jax.lax.conv_general_dilated(
-            x,
-            kernel.astype(x.dtype),
+        convolution = functools.partial(
+            jax.lax.conv_general_dilated,
             window_strides=(sh, sw),
             padding=pads,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=self.groups,
         )
+        kernel = kernel.astype(x.dtype)
+        if self.groups == x.shape[-1] == self.features:
+            depthwise = functools.partial(depthwise_conv_by_shifts, strides=(sh, sw), padding=pads)
+            y = jax.lax.platform_dependent(x, kernel, cpu=depthwise, default=convolution)
+        else:
+            y = convolution(x, kernel)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
         return y

@@ -171,8 +171,17 @@ def test_gnl_ig_needs_a_model(images):
 
 def test_explain_integrated_gradients(images):
     _, model = torch_twin("resnet18")
-    result = explain(model, images.astype(np.float32), "integrated_gradients", steps=4, chunk=2)
+    x = images.astype(np.float32)
+    result = explain(model, x, "integrated_gradients", steps=4, chunk=2)
     assert result.attributions.shape == (2, 32, 32, 3) and result.heatmaps.shape == (2, 32, 32)
+    # A baseline array reaches the method: a white baseline is not the config's black one.
+    white = explain(model, x, "integrated_gradients", targets=TARGETS, steps=4, baselines=np.ones_like(x))
+    direct = integrated_gradients(model, x, TARGETS, config=IntegratedGradientsConfig(steps=4), baselines=1.0)
+    np.testing.assert_allclose(white.attributions, direct, rtol=1e-6, atol=1e-9)
+    black = explain(model, x, "integrated_gradients", targets=TARGETS, steps=4)
+    assert not np.allclose(white.attributions, black.attributions)
+    with pytest.raises(ValueError, match="saliency takes no baselines"):
+        explain(model, x, "saliency", baselines=np.ones_like(x))
 
 
 def test_config_errors_name_the_choices():

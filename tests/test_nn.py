@@ -47,7 +47,8 @@ def _torch_vjp(torch_fn, x, g):
         (3, 8, 7, 2, 3, 1, False, (17, 14)),
         (8, 8, 3, 1, 1, 1, True, (9, 9)),
         (8, 16, 3, 2, 1, 1, True, (10, 7)),
-        (8, 8, 3, 2, 1, 8, False, (11, 12)),  # depthwise
+        (8, 8, 3, 2, 1, 8, False, (11, 12)),  # depthwise (on CPU: the shifted-sum form)
+        (6, 6, 5, 2, 2, 6, True, (13, 10)),  # depthwise
         (8, 12, (1, 3), (2, 1), (0, 1), 4, True, (8, 5)),
         (4, 6, 1, 1, 0, 1, False, (5, 6)),
     ],
@@ -57,6 +58,27 @@ def test_conv2d_matches_torch(rng, in_channels, out_channels, kernel, stride, pa
     x = rng.randn(2, *size, in_channels).astype(np.float32)
     conv = _flax_twin(nn.Conv2d(out_channels, kernel, stride, padding, groups, use_bias=bias), torch_conv, x)
     np.testing.assert_allclose(conv(x), _torch_nhwc(torch_conv, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kernel, strides, padding, size",
+    [
+        (3, (1, 1), ((1, 1), (1, 1)), (9, 8)),
+        (5, (2, 2), ((1, 2), (1, 2)), (12, 11)),  # TensorFlow SAME: asymmetric
+        (3, (2, 1), ((0, 1), (2, 0)), (7, 10)),
+    ],
+)
+def test_depthwise_conv_by_shifts_equals_the_grouped_convolution(rng, kernel, strides, padding, size):
+    x = rng.randn(2, *size, 5).astype(np.float32)
+    w = rng.randn(kernel, kernel, 1, 5).astype(np.float32)
+    native = lambda v: jax.lax.conv_general_dilated(
+        v, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=5
+    )
+    shifted = lambda v: nn.depthwise_conv_by_shifts(v, w, strides, padding)
+    expected = native(x)
+    np.testing.assert_allclose(shifted(x), expected, rtol=0, atol=1e-5)
+    g = rng.randn(*expected.shape).astype(np.float32)
+    np.testing.assert_allclose(_vjp(shifted, x, g), _vjp(native, x, g), rtol=0, atol=1e-5)
 
 
 def test_linear_matches_torch(rng):

@@ -33,13 +33,14 @@ SCRIPT = textwrap.dedent(
     model = jax.tree_util.Partial(forward, {"w": jax.random.normal(k1, (3, 3, 3, 8)), "d": jax.random.normal(k2, (8, 5))})
     x = jax.random.uniform(k3, (3, 16, 16, 3))  # 3 images on 4 devices: one padded row
     report = {}
-    runs = {
-        "integrated_gradients": dict(steps=6, chunk=4),
-        "integrated_gradients_uniform": dict(steps=4, baseline="uniform", key=jax.random.key(1)),
-        "smoothgrad": dict(samples=3, key=jax.random.key(2)),
+    runs = {  # label: (method, options)
+        "integrated_gradients": ("integrated_gradients", dict(steps=6, chunk=4)),
+        "uniform_baseline": ("integrated_gradients", dict(steps=4, baseline="uniform", key=jax.random.key(1))),
+        "smoothgrad": ("smoothgrad", dict(samples=3, key=jax.random.key(2))),
+        "per_image_baselines": ("integrated_gradients", dict(steps=4, baselines=x[::-1])),
+        "colour_baseline": ("guided_ig", dict(steps=4, baselines=jnp.array([0.2, 0.5, 0.8]))),
     }
-    for name, options in runs.items():
-        method = name.replace("_uniform", "")
+    for name, (method, options) in runs.items():
         one = jaxattr.explain(model, x, method, targets=jnp.array([0, 3, 1]), **options)
         many = jaxattr.explain(model, x, method, targets=jnp.array([0, 3, 1]), devices=jax.devices(), **options)
         scale = float(jnp.abs(one.attributions).max())

@@ -32,5 +32,6 @@ def gradcam_vs_captum(model, torch_model, images, targets, *, layer: str | None 
 )
 def guided_backprop_vs_captum(model, torch_model, images, targets):
     ours = guided_backprop(model, images, targets)
-    theirs = GuidedBackprop(torch_model).attribute(to_torch_images(images), target=torch.from_numpy(targets))
+    inputs = to_torch_images(images).requires_grad_()  # captum warns when it has to set it
+    theirs = GuidedBackprop(torch_model).attribute(inputs, target=torch.from_numpy(targets))
     return np.asarray(ours), to_numpy_nhwc(theirs)

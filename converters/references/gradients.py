@@ -28,7 +28,8 @@ from jaxattr.methods.gradients import SmoothGradConfig, saliency as saliency_map
 )
 def saliency_vs_captum(model, torch_model, images, targets):
     ours = saliency_map(model, images, targets)
-    theirs = Saliency(torch_model).attribute(to_torch_images(images), target=torch.from_numpy(targets), abs=False)
+    inputs = to_torch_images(images).requires_grad_()  # captum warns when it has to set it
+    theirs = Saliency(torch_model).attribute(inputs, target=torch.from_numpy(targets), abs=False)
     return np.asarray(ours), to_numpy_nhwc(theirs)
 
 
