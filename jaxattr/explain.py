@@ -74,10 +74,8 @@ def explain(
         per_image = {"key": key} if is_key_batch(key, batch) else {}
         if baselines is not None and jnp.ndim(baselines) == jnp.ndim(images) and jnp.shape(baselines)[0] == batch:
             per_image["baselines"] = baselines
-        shared = {"key": key, "baselines": baselines} | {name: None for name in per_image}
-
-        def run(m, x, t, *arrays):
-            named = shared | dict(zip(per_image, arrays))
+        def run(m, x, t, *arrays):  # each device's slice of the per-image arrays replaces the whole
+            named = {"key": key, "baselines": baselines, **dict(zip(per_image, arrays))}
             return explain(m, x, method, targets=t, config=config, **named, **overrides)
 
         return data_parallel(run, model, images, targets, per_image=list(per_image.values()), devices=devices)
