@@ -10,7 +10,7 @@ import torch
 
 from converters.crosscheck import precision, references, run
 from converters.torch_models import torch_twin
-from jaxattr import GuidedIGConfig, explain, guided_ig, method_info
+from jaxattr import GuidedIGConfig, explain, guided_ig, method_spec
 from jaxattr.methods.guided_ig import guided_ig_path_attributions
 
 NOTEBOOK = GuidedIGConfig(steps=25, fraction=0.5, max_dist=1.0)  # PAIR's example notebooks
@@ -111,9 +111,9 @@ def test_baseline_options(rng):
 
 
 def test_registered_and_explainable(rng):
-    assert method_info("guided_ig").config is GuidedIGConfig
+    assert method_spec("guided_ig").config is GuidedIGConfig
     explanation = explain(pixel_linear, rng.rand(1, 4, 4, 3).astype(np.float32), "guided_ig", steps=5)
-    assert explanation.heatmaps.shape == (1, 4, 4)
+    assert explanation.maps.shape == (1, 4, 4)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from jaxattr import explain, paths
+from jaxattr.methods import path_scores
+from jaxattr.methods.baselines import baseline_images
 from jaxattr.methods.integrated_gradients import GnlIGConfig, IntegratedGradientsConfig, gnl_ig, integrated_gradients
 
 torch = pytest.importorskip("torch")
@@ -129,8 +131,8 @@ def test_completeness_delta_equals_captums(images):
         m, t = model.astype(np.float64), torch_model.double()
         config = IntegratedGradientsConfig(steps=20, baseline="mean")
         ours = integrated_gradients(m, images, TARGETS, config=config)
-        baselines = paths.baseline_images("mean", m, images)
-        delta = paths.completeness_delta(m, ours, images, baselines, jnp.asarray(TARGETS))
+        baselines = baseline_images("mean", m, jnp.asarray(images))
+        delta = paths.completeness_delta(path_scores(m, jnp.asarray(TARGETS)), ours, baselines, jnp.asarray(images))
         _, captum_delta = IntegratedGradients(t).attribute(
             to_torch_images(images),
             baselines=t.normalisation(torch.float64)[0].expand(len(images), 3, *images.shape[1:3]),
@@ -157,8 +159,9 @@ def test_gnl_ig_defaults_and_heatmap(images):
     assert (config.steps, config.rule, config.baseline, config.output) == (50, "gausslegendre", "mean", "logit")
     x = images.astype(np.float32)
     result = explain(model, x, "gnl_ig", steps=8)
-    h = np.asarray(result.heatmaps)
-    assert h.shape == (2, 32, 32) and np.allclose(h.max(axis=(1, 2)), 1.0) and h.min() >= 0
+    h = np.asarray(result.maps)
+    # GNL's map, unclipped: |sum_c a| (GNL divides it by its maximum, a display choice).
+    np.testing.assert_allclose(h, np.abs(np.asarray(result.attributions).sum(-1)), rtol=1e-6)
     # Guided gradients differ from plain ones: GNL-IG is not IG.
     assert crosscheck.max_rel_diff(result.attributions, integrated_gradients(model, x, result.targets, config=IntegratedGradientsConfig(steps=8, baseline="mean"))) > 1e-2
 
@@ -173,7 +176,7 @@ def test_explain_integrated_gradients(images):
     _, model = torch_twin("resnet18")
     x = images.astype(np.float32)
     result = explain(model, x, "integrated_gradients", steps=4, chunk=2)
-    assert result.attributions.shape == (2, 32, 32, 3) and result.heatmaps.shape == (2, 32, 32)
+    assert result.attributions.shape == (2, 32, 32, 3) and result.maps.shape == (2, 32, 32)
     # A baseline array reaches the method: a white baseline is not the config's black one.
     white = explain(model, x, "integrated_gradients", targets=TARGETS, steps=4, baselines=np.ones_like(x))
     direct = integrated_gradients(model, x, TARGETS, config=IntegratedGradientsConfig(steps=4), baselines=1.0)

@@ -1,17 +1,14 @@
 """SmoothGrad / SmoothGrad² / VarGrad against captum's NoiseTunnel and PAIR's GetSmoothedMask with
 the same noise injected into both sides, plus the noise semantics (keys, sigma, chunks)."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxattr import explain
+from jaxattr import ConfigError, explain, method
 from jaxattr.methods.gradcam import gradcam
-from jaxattr.methods.gradients import SaliencyConfig, SmoothGradConfig, smoothgrad
-from jaxattr.methods.integrated_gradients import IntegratedGradientsConfig
+from jaxattr.methods.gradients import SmoothGradConfig, smoothgrad
 from jaxattr.models import create_model
 
 torch = pytest.importorskip("torch")
@@ -50,10 +47,8 @@ def test_noise_tunnel_saliency_vs_captum(twin, images, kind):
 
 def test_noise_tunnel_integrated_gradients_vs_captum(images):
     torch_model, model = torch_twin("resnet18")
-    config = SmoothGradConfig(
-        base="integrated_gradients", base_config={"steps": 6, "rule": "riemann_right"}, kind="vargrad", samples=3, relative=False, stdev=0.1
-    )
-    assert config.resolved_base_config == IntegratedGradientsConfig(steps=6, rule="riemann_right")
+    base = method("integrated_gradients", steps=6, rule="riemann_right")
+    config = SmoothGradConfig(base=base, kind="vargrad", samples=3, relative=False, stdev=0.1)
     _check("smoothgrad", ("float32", model, torch_model), images, config=config)
 
 
@@ -133,7 +128,7 @@ def test_explain_smoothgrad(images):
     _, model = torch_twin("resnet18")
     x = images.astype(np.float32)
     result = explain(model, x, "smoothgrad", samples=3, key=jax.random.key(0))
-    assert result.attributions.shape == x.shape and result.heatmaps.shape == (2, 32, 32)
+    assert result.attributions.shape == x.shape and result.maps.shape == (2, 32, 32)
     with pytest.raises(ValueError, match="stochastic: pass key"):
         explain(model, x, "smoothgrad")
     with pytest.raises(ValueError, match="random: pass key"):
@@ -144,25 +139,28 @@ def test_any_registered_method_is_a_base(images):
     _, model = torch_twin("resnet18")
     x = images.astype(np.float32)
     noise = np.random.RandomState(5).randn(2, *x.shape).astype(np.float32) * 0.1
-    config = SmoothGradConfig(base="gradcam", samples=2)
+    config = SmoothGradConfig(base=method("gradcam"), samples=2)
     ours = np.asarray(smoothgrad(model, x, TARGETS, config=config, noise=noise))
     per_sample = [np.asarray(gradcam(model, x + n, TARGETS)) for n in noise]
     np.testing.assert_allclose(ours, np.mean(per_sample, axis=0), rtol=1e-5, atol=1e-6 * np.abs(ours).max())
-    result = explain(model, x, "smoothgrad", base="gradcam", samples=2, key=jax.random.key(0))
-    assert result.heatmaps.shape == (2, 32, 32)
+    result = explain(model, x, "smoothgrad", base=method("gradcam"), samples=2, key=jax.random.key(0))
+    assert result.maps.shape == (2, 32, 32)
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="unknown method 'gradient'; available: saliency"):
+    with pytest.raises(ConfigError, match="base must be a method bound to its config"):
         SmoothGradConfig(base="gradient")
+    with pytest.raises(ConfigError, match="base must be a method .* that wraps no other"):
+        SmoothGradConfig(base=method("smoothgrad"))
     with pytest.raises(ValueError, match="expected one of .*smoothgrad_sq.*vargrad"):
         SmoothGradConfig(kind="smoothgrad_squared")
-    with pytest.raises(ValueError, match="saliency has no option steps; options: multiply_by_inputs, output"):
-        SmoothGradConfig(base_config={"steps": 3})
-    with pytest.raises(TypeError, match="must be a SaliencyConfig"):
-        SmoothGradConfig(base_config=IntegratedGradientsConfig())
-    # Changing the base keeps a mapping of options meaningful (and hashable).
-    config = dataclasses.replace(SmoothGradConfig(base_config={"output": "probability"}), base="integrated_gradients")
-    assert config.resolved_base_config == IntegratedGradientsConfig(output="probability")
-    assert hash(config) == hash(dataclasses.replace(config))
-    assert SmoothGradConfig(base_config=SaliencyConfig(multiply_by_inputs=True)).resolved_base_config.multiply_by_inputs
+    with pytest.raises(ConfigError, match="saliency has no option steps"):
+        method("saliency", steps=3)
+    with pytest.raises(ConfigError, match="stdev must be a finite number >= 0, got -0.1"):
+        SmoothGradConfig(stdev=-0.1)
+    with pytest.raises(ConfigError, match="samples must be an integer >= 1, got 0"):
+        SmoothGradConfig(samples=0)
+    # A config with a base method is hashable (it is static inside the compiled program).
+    config = SmoothGradConfig(base=method("integrated_gradients", output="probability"))
+    assert hash(config) == hash(SmoothGradConfig(base=method("integrated_gradients", output="probability")))
+    assert config.to_dict()["base"] == {"method": "integrated_gradients", "config": method("integrated_gradients", output="probability").config.to_dict()}

@@ -17,7 +17,7 @@ from converters.crosscheck import reference
 from converters.guided import guided
 from converters.references.pair import pair_call_model
 from converters.torch_models import PixelInput, to_numpy_nhwc, to_torch_images
-from jaxattr import paths
+from jaxattr.methods.baselines import baseline_images
 from jaxattr.methods.integrated_gradients import GnlIGConfig, IntegratedGradientsConfig, gnl_ig, integrated_gradients
 
 CAPTUM_RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -39,7 +39,7 @@ def captum_baselines(config: IntegratedGradientsConfig, torch_model: PixelInput,
     if config.baseline == "blur":  # saliency's Blur IG blur: zero padding, no blur across channels
         blurred = [scipy.ndimage.gaussian_filter(x, (config.blur_sigma, config.blur_sigma, 0), mode="constant") for x in images]
         return to_torch_images(np.stack(blurred)).to(dtype)
-    return to_torch_images(np.asarray(paths.baseline_images("uniform", None, images, key=key))).to(dtype)
+    return to_torch_images(np.asarray(baseline_images("uniform", None, images, key=key))).to(dtype)
 
 
 def _internal_batch_size(config: IntegratedGradientsConfig, images: np.ndarray) -> int | None:
