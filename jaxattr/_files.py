@@ -28,8 +28,12 @@ def file_kind(mode: int) -> str:
 def open_regular_file(path: str | os.PathLike) -> BinaryIO:
     """`path` opened for binary reading; NotARegularFileError unless it is a regular file.
 
-    The open is non-blocking, so a FIFO put in place after any earlier check cannot hang it,
-    and the type is checked on the open descriptor, so the file read is the file checked."""
+    The type is checked before opening (opening a socket fails, a device may have effects), the
+    open is non-blocking, so a FIFO put in place after the check cannot hang it, and the type is
+    checked again on the open descriptor, so the file read is the file checked."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotARegularFileError(f"{file_kind(mode)}, not a regular file")
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         mode = os.fstat(fd).st_mode

@@ -154,7 +154,7 @@ def preprocess_image(path: str, model: str, size: int) -> Any:
     from jaxattr.models import model_info
 
     image = load_image(path, model_info(model), size)
-    return {"shape": list(image.shape), "dtype": str(image.dtype)}
+    return {"shape": list(image.shape), "dtype": str(image.dtype), "finite": bool(__import__("numpy").isfinite(image).all())}
 
 
 def expand(paths: list[str], recursive: bool) -> Any:
@@ -162,4 +162,15 @@ def expand(paths: list[str], recursive: bool) -> Any:
 
     skipped: list[str] = []
     found = expand_paths(paths, recursive=recursive, on_skip=lambda e: skipped.append(str(e)))
-    return {"found": [os.fsencode(p).decode("utf-8", "backslashreplace") for p in found], "skipped": skipped}
+    return {"found": [str(p) for p in found], "skipped": skipped}  # JSON escapes surrogates
+
+
+def load_image_truncated_allowed(path: str) -> Any:
+    """load_image with Pillow told to accept truncated files, as some programs set it globally."""
+    from PIL import ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        return load_image(path, {})
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
