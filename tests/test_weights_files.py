@@ -322,6 +322,10 @@ def _cases(d: Path) -> list[tuple[str, Path, str]]:
     rebuild_from_type = (
         b"\x80\x02ctorch._tensor\n_rebuild_from_type_v2\n(ccollections\nOrderedDict\nctorch\nTensor\n)}tR."
     )
+    # BUILD on an allow-listed function: with slot state it would set _rebuild_tensor.__defaults__,
+    # with dict state its __dict__ -- changes that would outlive the load.
+    build_slots = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__)s\x86b."
+    build_dict = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n}X\x01\x00\x00\x00xK\x01sb."
     encode_other_codec = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x06\x00\x00\x00rot_13\x86R."
     for name, blob, why in [
         ("binbytes8-1TiB", big_bytes, "truncated or malformed"),
@@ -330,6 +334,8 @@ def _cases(d: Path) -> list[tuple[str, Path, str]]:
         ("build-on-tensor", tensor_then_build, "malformed"),
         ("rebuild-from-type-other-func", rebuild_from_type, "malformed"),
         ("codecs-encode-other-codec", encode_other_codec, "malformed"),
+        ("build-slots-on-global", build_slots, "cannot modify"),
+        ("build-dict-on-global", build_dict, "cannot modify"),
         ("empty-pickle", b"", "truncated or malformed"),
         ("garbage-pickle", b"\x80\x02\xff\xfe", "truncated or malformed"),
     ]:

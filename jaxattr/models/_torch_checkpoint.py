@@ -61,7 +61,8 @@ MAX_PICKLE_BYTES = 1 << 28
 # The arrays a checkpoint yields may exceed its storages' bytes only where tensors share a storage
 # (tied weights); more than this factor is a file built to exhaust memory.
 _MAX_EXPANSION = 4
-# zip members may be deflated (torch stores them); a ratio beyond this is a zip bomb.
+# torch stores zip members uncompressed; a deflated one may expand to at most this factor of the
+# archive's size (floats hardly compress), beyond which it is a zip bomb.
 _MAX_ZIP_RATIO = 4
 _SLACK = 1 << 20  # bytes allowed beyond the ratios, for tiny files
 _MAX_NDIM = 32
@@ -109,9 +110,9 @@ def _read_pickle(f: BinaryIO, limit: int, source: str, what: str) -> bytes:
         for count, (opcode, arg, _) in enumerate(pickletools.genops(_Bounded(f, min(limit, MAX_PICKLE_BYTES)))):
             if opcode.name in _MEMO_PUTS and not 0 <= arg <= count:
                 raise CheckpointError(f"{source}: the {what} pickle uses memo index {arg} after {count} opcodes")
-    except ValueError as e:  # pickletools' complaint about a short or malformed pickle
-        if isinstance(e, CheckpointError):
-            raise
+    except CheckpointError:
+        raise
+    except Exception as e:  # pickletools' complaint about a short or malformed pickle
         raise CheckpointError(f"{source}: the {what} pickle is truncated or malformed ({one_line(e)})") from None
     end = f.tell()
     f.seek(start)
@@ -185,17 +186,27 @@ def _rebuild_parameter(data, *_):
     return data
 
 
-class _TensorClass:
-    """torch.Tensor / torch.nn.Parameter as `_rebuild_from_type_v2`'s type argument; not callable."""
+class _Global:
+    """An allow-listed global as the unpickler sees it: called (if it has a function), never
+    changed. A pickle's BUILD opcode sets attributes on what it builds; on a plain function or
+    class of this module that would outlive the load, here it fails."""
 
+    __slots__ = ("name", "function")
 
-_REBUILDERS = {_rebuild_tensor, _rebuild_parameter}
+    def __init__(self, name: str, function=None):
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "function", function)
 
+    def __call__(self, *args):
+        if self.function is None:
+            raise TypeError(f"{self.name} cannot be called in a checkpoint")
+        return self.function(*args)
 
-def _rebuild_from_type(func, new_type, args, state):
-    if func not in _REBUILDERS or not isinstance(new_type, type) or not issubclass(new_type, _TensorClass):
-        raise TypeError("_rebuild_from_type_v2 may only rebuild plain tensors and parameters")
-    return func(*args)
+    def __setattr__(self, *_):
+        raise TypeError(f"a checkpoint cannot modify {self.name}")
+
+    def __setstate__(self, _):
+        raise TypeError(f"a checkpoint cannot modify {self.name}")
 
 
 def _encode(text, encoding="latin1"):
@@ -205,19 +216,32 @@ def _encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
+_REBUILD_TENSOR = _Global("torch._utils._rebuild_tensor_v2", _rebuild_tensor)
+_REBUILD_PARAMETER = _Global("torch._utils._rebuild_parameter", _rebuild_parameter)
+_TENSOR_TYPES = (_Global("torch.Tensor"), _Global("torch.nn.parameter.Parameter"))  # types, never called
+
+
+def _rebuild_from_type(func, new_type, args, state):
+    # torch._tensor._rebuild_from_type_v2(func, type, args, state): only plain tensors here.
+    if func not in (_REBUILD_TENSOR, _REBUILD_PARAMETER) or new_type not in _TENSOR_TYPES:
+        raise TypeError("_rebuild_from_type_v2 may only rebuild plain tensors and parameters")
+    return func(*args)
+
+
+# Builtin types (immutable) as they are; functions wrapped so that they stay as they are.
 _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("_codecs", "encode"): _encode,
     ("torch", "Size"): tuple,
-    ("torch", "Tensor"): type("Tensor", (_TensorClass,), {}),
-    ("torch.nn.parameter", "Parameter"): type("Parameter", (_TensorClass,), {}),
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+    ("_codecs", "encode"): _Global("_codecs.encode", _encode),
+    ("torch", "Tensor"): _TENSOR_TYPES[0],
+    ("torch.nn.parameter", "Parameter"): _TENSOR_TYPES[1],
+    ("torch._utils", "_rebuild_tensor_v2"): _REBUILD_TENSOR,
+    ("torch._utils", "_rebuild_tensor"): _REBUILD_TENSOR,
+    ("torch._utils", "_rebuild_parameter"): _REBUILD_PARAMETER,
+    ("torch._utils", "_rebuild_parameter_with_state"): _REBUILD_PARAMETER,
+    ("torch._tensor", "_rebuild_from_type_v2"): _Global("torch._tensor._rebuild_from_type_v2", _rebuild_from_type),
 }
 
 
