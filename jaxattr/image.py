@@ -103,11 +103,12 @@ def _check_size(path: Path, size: tuple[int, int], max_pixels: int, max_side: in
     if width < 1 or height < 1:
         raise ImageLoadError(path, f"empty image ({width}x{height} pixels)")
     if max(width, height) > max_side:
-        raise ImageLoadError(path, f"{width}x{height} pixels: a side exceeds the limit of {max_side} (max_side, MAX_SIDE)")
-    if width * height > max_pixels:
         raise ImageLoadError(
-            path, f"{width}x{height} pixels exceeds the limit of {max_pixels} pixels (max_pixels, MAX_PIXELS)"
+            path, f"{width}x{height} pixels: a side exceeds the limit of {max_side} (jaxattr.image.MAX_SIDE)"
         )
+    if width * height > max_pixels:
+        limit = f"the limit of {max_pixels} pixels (jaxattr.image.MAX_PIXELS)"
+        raise ImageLoadError(path, f"{width}x{height} pixels exceeds {limit}")
 
 
 _TRUNCATION_FLAG = threading.Lock()
@@ -132,8 +133,6 @@ def _open_reason(path: Path, error: OSError) -> str:
         return f"is {error}; skipped"
     if isinstance(error, FileNotFoundError):
         return "dangling symbolic link" if os.path.islink(path) else "no such file"
-    if isinstance(error, IsADirectoryError):
-        return "is a directory, not an image file"
     if isinstance(error, PermissionError):
         return "permission denied"
     return error.strerror or str(error)
@@ -147,13 +146,14 @@ def open_image(
     Raises ImageLoadError for anything but a regular file holding one complete image within
     `max_pixels` and `max_side` (defaults MAX_PIXELS and MAX_SIDE), checked before decoding."""
     path = Path(path)
-    max_pixels, max_side = _positive("max_pixels", max_pixels, MAX_PIXELS), _positive("max_side", max_side, MAX_SIDE)
+    max_pixels = _positive("max_pixels", max_pixels, MAX_PIXELS)
+    max_side = _positive("max_side", max_side, MAX_SIDE)
     try:
         file = open_regular_file(path)
     except OSError as e:
         raise ImageLoadError(path, _open_reason(path, e)) from None
     try:
-        with file, Image.open(file) as image, _truncated_images_refused():
+        with file, _truncated_images_refused(), Image.open(file) as image:
             _check_size(path, image.size, max_pixels, max_side)  # from the header; nothing decoded yet
             image.load()
             _check_size(path, image.size, max_pixels, max_side)
@@ -252,7 +252,7 @@ def preprocess(
     if resized_pixels > _positive("max_pixels", max_pixels, MAX_PIXELS):
         raise ValueError(
             f"aspect ratio {image.size[0]}x{image.size[1]} is too extreme: resizing the shorter side to "
-            f"{resize_size} would make {resized_pixels} pixels (max_pixels, MAX_PIXELS)"
+            f"{resize_size} would make {resized_pixels} pixels (jaxattr.image.MAX_PIXELS)"
         )
     resized = resize_shorter_side(to_rgb(image), resize_size, info.interpolation)
     return to_array(center_crop(resized, crop_size))
@@ -367,14 +367,13 @@ def expand_paths(
     for item in map(Path, inputs):
         try:
             is_dir = stat.S_ISDIR(os.stat(item).st_mode)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
+            if not os.path.islink(item):
+                raise FileNotFoundError(f"no such file or directory: {display_path(item)}") from None
+            is_dir = False  # a dangling link: listed, the loader says so
+        except OSError:  # a link loop, a name too long, no permission: the loader says which
             is_dir = False
-        if is_dir:
-            files = _scan(item, recursive, report)
-        elif os.path.lexists(item):
-            files = [item]  # whatever it is, the loader reports why it cannot be read
-        else:
-            raise FileNotFoundError(f"no such file or directory: {display_path(item)}")
+        files = _scan(item, recursive, report) if is_dir else [item]
         for path in files:
             found.setdefault(_identity(path), path)
     return list(found.values())

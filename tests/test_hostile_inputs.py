@@ -527,3 +527,15 @@ def test_truncated_images_stay_refused_when_pillow_allows_them(tmp_path, monkeyp
     with pytest.raises(ImageLoadError, match="truncated"):
         load_image(path)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is restored
+
+
+def test_explicit_inputs_missing_or_dangling(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    os.symlink("nowhere.png", tmp_path / "dangling.png")
+    # A dangling link exists as a name: listed, and the loader reports it.
+    assert expand_paths([tmp_path / "dangling.png"]) == [tmp_path / "dangling.png"]
+    with pytest.raises(ImageLoadError, match="dangling symbolic link"):
+        load_image(tmp_path / "dangling.png")
+    for missing in (tmp_path / "missing.png", tmp_path / "a.png" / "x.png"):
+        with pytest.raises(FileNotFoundError, match="no such file or directory"):
+            expand_paths([missing])

@@ -107,13 +107,17 @@ def _read_pickle(f: BinaryIO, limit: int, source: str, what: str) -> bytes:
     opcode's argument is present and every memo index is one the pickle could have filled."""
     start = f.tell()
     try:
-        for count, (opcode, arg, _) in enumerate(pickletools.genops(_Bounded(f, min(limit, MAX_PICKLE_BYTES)))):
+        opcodes = pickletools.genops(_Bounded(f, min(limit, MAX_PICKLE_BYTES)))
+        for count, (opcode, arg, _) in enumerate(opcodes):
             if opcode.name in _MEMO_PUTS and not 0 <= arg <= count:
-                raise CheckpointError(f"{source}: the {what} pickle uses memo index {arg} after {count} opcodes")
+                raise CheckpointError(
+                    f"{source}: the {what} pickle uses memo index {arg} after {count} opcodes"
+                )
     except CheckpointError:
         raise
     except Exception as e:  # pickletools' complaint about a short or malformed pickle
-        raise CheckpointError(f"{source}: the {what} pickle is truncated or malformed ({one_line(e)})") from None
+        reason = one_line(e)
+        raise CheckpointError(f"{source}: the {what} pickle is truncated or malformed ({reason})") from None
     end = f.tell()
     f.seek(start)
     return f.read(end - start)
@@ -170,7 +174,8 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
         raise TypeError(f"a tensor's storage must be a storage record, got {_short(storage)}")
     size, stride = tuple(size), tuple(stride)
     if not (_is_int(offset) and all(map(_is_int, size)) and all(map(_is_int, stride))):
-        raise TypeError(f"a tensor's offset, size and stride must be integers, got {offset}, {_short(size)}, {_short(stride)}")
+        got = f"{offset}, {_short(size)}, {_short(stride)}"
+        raise TypeError(f"a tensor's offset, size and stride must be integers, got {got}")
     if len(size) > _MAX_NDIM:
         raise ValueError(f"a tensor has {len(size)} dimensions, more than {_MAX_NDIM}")
     if len(size) != len(stride):
@@ -241,7 +246,7 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_tensor"): _REBUILD_TENSOR,
     ("torch._utils", "_rebuild_parameter"): _REBUILD_PARAMETER,
     ("torch._utils", "_rebuild_parameter_with_state"): _REBUILD_PARAMETER,
-    ("torch._tensor", "_rebuild_from_type_v2"): _Global("torch._tensor._rebuild_from_type_v2", _rebuild_from_type),
+    ("torch._tensor", "_rebuild_from_type_v2"): _Global("_rebuild_from_type_v2", _rebuild_from_type),
 }
 
 
@@ -266,7 +271,9 @@ class _StateDictUnpickler(_DataUnpickler):
             return super().persistent_load(pid)
         storage_type, key, numel = pid[1], pid[2], pid[4]
         if not isinstance(storage_type, _StorageType):
-            raise CheckpointError(f"{self.source}: refused: storage type {_short(storage_type)} in {_short(pid)}")
+            raise CheckpointError(
+                f"{self.source}: refused: storage type {_short(storage_type)} in {_short(pid)}"
+            )
         if not isinstance(key, (str, int)) or not _is_int(numel) or numel < 0:
             raise CheckpointError(f"{self.source}: refused: malformed storage record {_short(pid)}")
         if len(pid) == 6 and pid[5] is not None:
@@ -285,7 +292,8 @@ def _unpickle(unpickler: _DataUnpickler) -> Any:
     except CheckpointError:
         raise
     except Exception as e:  # a rebuilder's TypeError, pickle's own errors, a BUILD on a record, ...
-        raise CheckpointError(f"{unpickler.source}: malformed pickle ({type(e).__name__}: {one_line(e)})") from None
+        reason = f"{type(e).__name__}: {one_line(e)}"
+        raise CheckpointError(f"{unpickler.source}: malformed pickle ({reason})") from None
 
 
 # ------------------------------------------------------------------------ tensors, checked
@@ -309,23 +317,30 @@ def _records(obj: Any, depth: int = 0) -> list[_TensorRecord]:
     return [record for value in children for record in _records(value, depth + 1)]
 
 
-def _check_views(records: list[_TensorRecord], storages: dict[str, np.ndarray], source: str, file_size: int) -> None:
+def _check_views(
+    records: list[_TensorRecord], storages: dict[str, np.ndarray], source: str, file_size: int
+) -> None:
     for record in records:
         key, dtype = record.storage
         buffer = storages[key]
         if len(buffer) % dtype.itemsize:
-            raise CheckpointError(f"{source}: storage {key} holds {len(buffer)} bytes, not a whole number of {dtype}")
+            raise CheckpointError(
+                f"{source}: storage {key} holds {len(buffer)} bytes, not a whole number of {dtype}"
+            )
         if record.numel == 0:
             continue
         last = record.offset + sum((n - 1) * s for n, s in zip(record.size, record.stride))
-        if last >= len(buffer) // dtype.itemsize:
+        elements = len(buffer) // dtype.itemsize
+        if last >= elements:
             raise CheckpointError(
                 f"{source}: a tensor of size {_short(record.size)}, stride {_short(record.stride)} at offset "
-                f"{record.offset} reaches element {last} of storage {key}, which has {len(buffer) // dtype.itemsize}"
+                f"{record.offset} reaches element {last} of storage {key}, which has {elements}"
             )
     total = sum(record.numel * record.storage.dtype.itemsize for record in records)
     if total > _MAX_EXPANSION * file_size + _SLACK:
-        raise CheckpointError(f"{source}: its tensors would take {total} bytes from a {file_size}-byte file; refused")
+        raise CheckpointError(
+            f"{source}: its tensors would take {total} bytes from a {file_size}-byte file; refused"
+        )
 
 
 def _materialise_record(record: _TensorRecord, storages: dict[str, np.ndarray]) -> np.ndarray:
@@ -334,7 +349,8 @@ def _materialise_record(record: _TensorRecord, storages: dict[str, np.ndarray]) 
         return np.empty(record.size, dtype)
     flat = storages[key].view(dtype)
     strides = [s * dtype.itemsize for s in record.stride]  # checked by _check_views to stay inside `flat`
-    return np.array(np.lib.stride_tricks.as_strided(flat[record.offset :], shape=record.size, strides=strides))
+    view = np.lib.stride_tricks.as_strided(flat[record.offset :], shape=record.size, strides=strides)
+    return np.array(view)
 
 
 def _materialise(obj: Any, storages: dict) -> Any:
@@ -367,10 +383,14 @@ def _load_zip(f: BinaryIO, source: str, file_size: int) -> Any:
         infos = archive.infolist()
         pickles = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
         if len(pickles) != 1:
-            raise CheckpointError(f"{source} is a zip archive with {len(pickles)} data.pkl members; not a torch checkpoint")
+            raise CheckpointError(
+                f"{source} is a zip archive with {len(pickles)} data.pkl members; not a torch checkpoint"
+            )
         root = pickles[0].filename[: -len("data.pkl")]
         if sum(i.file_size for i in infos) > _MAX_ZIP_RATIO * file_size + _SLACK:
-            raise CheckpointError(f"{source}: its zip members declare more bytes than the file could hold; refused")
+            raise CheckpointError(
+                f"{source}: its zip members declare more bytes than the file could hold; refused"
+            )
 
         def read(name: str) -> bytes:
             return archive.read(name)
@@ -444,7 +464,9 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
                 return _load_zip(f, source, file_size)
             f.seek(0)
             if head.startswith(b"PK\x03\x04"):
-                raise CheckpointError(f"{source} is a truncated or corrupt zip archive (no central directory)")
+                raise CheckpointError(
+                    f"{source} is a truncated or corrupt zip archive (no central directory)"
+                )
             if head[257:262] == b"ustar":
                 raise CheckpointError(
                     f"{source} is a tar archive (torch < 1.0's format), which is not supported; "
@@ -460,4 +482,5 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
     except OSError as e:
         raise CheckpointError(f"cannot read torch checkpoint {source}: {one_line(e.strerror or e)}") from None
     except Exception as e:  # OSError, zipfile.BadZipFile, zlib.error, MemoryError, ...
-        raise CheckpointError(f"cannot read torch checkpoint {source}: {type(e).__name__}: {one_line(e)}") from None
+        reason = f"{type(e).__name__}: {one_line(e)}"
+        raise CheckpointError(f"cannot read torch checkpoint {source}: {reason}") from None

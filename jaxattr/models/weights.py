@@ -219,7 +219,8 @@ class _Casts:
         if self.converted:
             counts = ", ".join(f"{n} {name}" for name, n in sorted(self.converted.items()))
             targets = "/".join(sorted(self.targets))
-            warnings.warn(f"{self.source}: converted {counts} tensor(s) to {targets}", WeightsDtypeWarning, stacklevel=3)
+            message = f"{self.source}: converted {counts} tensor(s) to {targets}"
+            warnings.warn(message, WeightsDtypeWarning, stacklevel=3)
 
 
 # ------------------------------------------------------------------------------ safetensors
@@ -250,7 +251,14 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _safetensors_layout(header: Any, data_size: int) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int, int]], dict]:
+_Layout = dict[str, tuple[np.dtype, tuple[int, ...], int, int]]
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _safetensors_layout(header: Any, data_size: int) -> tuple[_Layout, dict]:
     """(name -> (dtype, shape, begin, end), metadata) of a parsed header, checked as the format
     requires: known dtypes, shape x itemsize == span, and the spans tiling the data buffer in
     order (contiguous, non-overlapping, from 0 to its end)."""
@@ -265,11 +273,11 @@ def _safetensors_layout(header: Any, data_size: int) -> tuple[dict[str, tuple[np
             raise ValueError(f"tensor {name!r}: expected dtype, shape and data_offsets, got {str(info)[:80]}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
-            raise ValueError(f"tensor {name!r} has dtype {str(dtype)[:20]!r}, not one of {', '.join(_ST_DTYPES)}")
-        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
-        if not (isinstance(shape, list) and all(map(whole, shape)) and len(shape) <= 32):
+            known = ", ".join(_ST_DTYPES)
+            raise ValueError(f"tensor {name!r} has dtype {str(dtype)[:20]!r}, not one of {known}")
+        if not (isinstance(shape, list) and all(map(_is_size, shape)) and len(shape) <= 32):
             raise ValueError(f"tensor {name!r} has shape {str(shape)[:40]}, not a list of sizes")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(whole, offsets))):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_size, offsets))):
             raise ValueError(f"tensor {name!r} has data_offsets {str(offsets)[:40]}, not [begin, end]")
         begin, end = offsets
         if end - begin != math.prod(shape) * _ST_DTYPES[dtype].itemsize:
