@@ -4,7 +4,7 @@ Images are NHWC float arrays in [0, 1]; models normalise internally. A method is
 `method(model, images, targets=None, *, config=..., key=None)` with a batch axis in and out.
 """
 
-from jaxattr import heatmaps as heatmaps, viz as viz
+from jaxattr import heatmaps as heatmaps, metrics as metrics, viz as viz
 from jaxattr.data import imagenet_labels as imagenet_labels
 from jaxattr.explain import Explanation as Explanation, explain as explain, method_config as method_config
 from jaxattr.blur import gaussian_blur as gaussian_blur
