@@ -4,6 +4,7 @@ random ResNet-18 weights, same images and maps, one run.
     python benchmarks/metrics.py                      # ResNet-18, 224 px, batch 8, step 'batched' (1792 px)
     python benchmarks/metrics.py --step single        # RISE's single-image setting: 224 px per point
     python benchmarks/metrics.py --chunk 8 --repeats 3
+    python benchmarks/metrics.py --torch-threads 1    # on a crowded machine torch's 2 threads wait on each other
 
 The reference is RISE's `CausalMetric.single_run` written here from metrics.md §1 in PyTorch: per image
 and game, the clean forward for the class, then one forward pass of one image per curve point, `step`
@@ -71,7 +72,10 @@ def main(argv=None) -> None:
     parser.add_argument("--step", default="batched", help="pixels per point or a preset: single (224), batched (1792)")
     parser.add_argument("--chunk", type=int, default=8, help="jaxattr: curve points per forward pass (0: all)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the best is kept")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     jax.config.update("jax_default_matmul_precision", "highest")  # full float32, as torch without TF32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     device = "cuda" if torch.cuda.is_available() else "cpu"
