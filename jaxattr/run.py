@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import sys
 import time
 import zlib
@@ -108,6 +109,20 @@ def output_names(paths: Sequence[Path]) -> dict[Path, str]:
     return {path: fitted[path] for path in paths}
 
 
+def _mode(path: Path) -> int | None:
+    """st_mode of `path` (links followed); None if it cannot be stat'ed (missing, a name too long,
+    a link loop: whoever uses it reports why)."""
+    try:
+        return os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+
+
+def _is_dir(path: Path) -> bool:
+    mode = _mode(path)
+    return mode is not None and stat.S_ISDIR(mode)
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -121,14 +136,14 @@ def check_outputs_apart(out: Path, inputs: Sequence[Path], *, recursive: bool) -
     must leave out: `out` when a recursive scan of an input directory would reach it."""
     excluded = []
     for item in inputs:
-        if not item.is_dir():
+        if not _is_dir(item):
             continue
         if _same_file(item, out):
             raise RunError(
                 f"the output directory {display_path(out)} is an input directory: outputs would be written "
                 f"among the inputs; choose another output directory (one inside it works: {display_path(out / 'saliency')})"
             )
-        if recursive and out.absolute().resolve().is_relative_to(item.absolute().resolve()):
+        if recursive and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(item)):
             excluded.append(out)
     return excluded
 
@@ -136,7 +151,7 @@ def check_outputs_apart(out: Path, inputs: Sequence[Path], *, recursive: bool) -
 def check_no_input_overwritten(out: Path, paths: Sequence[Path], outputs: Callable[[Path], Sequence[Path]]) -> None:
     """Refuse (RunError) a run whose outputs (`outputs(input)` and the summaries) would replace one
     of its inputs: an input file in the output directory named like an output."""
-    if not out.is_dir():
+    if not _is_dir(out):
         return
     produced = {SUMMARY_JSON, SUMMARY_CSV}
     for path in paths:
@@ -155,7 +170,8 @@ def outputs_complete(paths: Sequence[Path]) -> bool:
     from PIL import Image
 
     for path in paths:
-        if not path.is_file():
+        mode = _mode(path)
+        if mode is None or not stat.S_ISREG(mode):
             return False
         try:
             if path.suffix == ".npy":
@@ -211,17 +227,24 @@ class OutputDir:
         self._warned_unlocked = False
 
     def _check_usable(self) -> None:
+        """The path, or the nearest ancestor that exists, is a directory we may write into."""
         where = display_path(self.path)
-        if self.path.exists() and not self.path.is_dir():
-            raise RunError(f"the output directory {where} is a file")
-        existing = self.path
-        while not existing.exists():  # the nearest ancestor that exists must let us create the rest
-            if existing.parent == existing:
+        existing = Path(os.path.abspath(self.path))
+        while True:
+            try:
+                mode = os.stat(existing).st_mode
                 break
-            existing = existing.parent
-        if existing.exists() and not existing.is_dir():
+            except (FileNotFoundError, NotADirectoryError):  # not there yet, or under a file
+                if existing.parent == existing:
+                    raise RunError(f"cannot create the output directory {where}") from None
+                existing = existing.parent
+            except OSError as e:  # a name too long, a link loop, no permission to look
+                raise RunError(f"cannot use the output directory {where}: {e.strerror or e}") from None
+        if not stat.S_ISDIR(mode):
+            if existing == Path(os.path.abspath(self.path)):
+                raise RunError(f"the output directory {where} is a file")
             raise RunError(f"cannot create the output directory {where}: {display_path(existing)} is a file")
-        if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        if not os.access(existing, os.W_OK | os.X_OK):
             reason = "read-only file system" if _read_only(existing) else "permission denied"
             raise RunError(f"cannot write into the output directory {where}: {reason}")
 
@@ -235,7 +258,8 @@ class OutputDir:
     def _read_summary(self) -> tuple[dict | None, dict[str, dict]]:
         """(settings, records) of the summary on disk; (None, {}) if there is none or it is unreadable."""
         path = self.path / SUMMARY_JSON
-        if not path.is_file():
+        mode = _mode(path)
+        if mode is None or not stat.S_ISREG(mode):
             return None, {}
         try:
             data = json.loads(path.read_text())
