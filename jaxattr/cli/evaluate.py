@@ -256,6 +256,9 @@ def _igos_mask_shape(directory: Path, names: list[str]) -> tuple[int, ...] | Non
 
 def read_source(directory: Path) -> Source:
     path = directory / SUMMARY_JSON
+    if directory.is_file():
+        raise CliError(f"{directory} is a file: evaluate takes output directories of `jaxattr explain` "
+                       "(or images, with --method)")
     if not directory.is_dir():
         raise CliError(f"no such directory: {directory}")
     if not path.is_file():
