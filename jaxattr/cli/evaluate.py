@@ -80,6 +80,14 @@ class Source:
     records: dict[str, dict]  # explain's records by output name
     mask_shape: tuple[int, ...] | None  # the shape of its I-GOS masks, if it has any
 
+    @property
+    def model(self) -> tuple[str, str]:
+        """(model name, weights: 'pretrained' or the file's absolute path) the maps were made with."""
+        return self.settings["model"], self.settings.get("weights", "pretrained")
+
+    def model_text(self) -> str:
+        return "{} with {} weights".format(*self.model)
+
 
 def _names(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
@@ -222,6 +230,10 @@ def explain_first(args: argparse.Namespace) -> list[Path]:
     """Run `jaxattr explain` with each of --method into OUT/explain/<method>; its directories."""
     from jaxattr.cli import parse_args  # the package imports this module: resolved at call time
 
+    explained = [p for p in args.inputs if (Path(p) / SUMMARY_JSON).is_file()]
+    if explained:
+        args.parser.error(f"{explained[0]} is an output directory of `jaxattr explain`: without --method, "
+                          "evaluate scores its maps")
     flags = method_flags(args.method, args.option)
     directories = []
     for method in args.method:
@@ -267,7 +279,9 @@ def read_source(directory: Path) -> Source:
     try:
         data = json.loads(path.read_text())
         settings, records = data["settings"], {r["output"]: r for r in data["images"]}
-        method, _ = settings["method"], settings["model"]
+        method = settings["method"]
+        if not isinstance(settings["model"], str):
+            raise TypeError(f"model {settings['model']!r}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CliError(f"{path} is not a summary of `jaxattr explain` ({e})") from None
     if not records:
@@ -288,23 +302,17 @@ def _labelled(sources: list[Source]) -> list[Source]:
     return labelled
 
 
-def _model_text(source: Source) -> str:
-    return f"{source.settings['model']} with {source.settings.get('weights', 'pretrained')} weights"
-
-
 def check_sources(sources: list[Source], args: argparse.Namespace) -> list[tuple[str, Path]]:
     """Refuse directories of other models or other images; the images (name, file), by name."""
     first = sources[0]
-    key = lambda s: (s.settings["model"], s.settings.get("weights", "pretrained"))
     for source in sources[1:]:
-        if key(source) != key(first):
-            raise CliError(f"{source.directory} holds explanations of {_model_text(source)}, {first.directory} of "
-                           f"{_model_text(first)}: evaluate compares maps of one model")
-    if args.model and args.model != first.settings["model"]:
-        raise CliError(f"--model {args.model}, but {first.directory} holds explanations of {_model_text(first)}")
-    weights = first.settings.get("weights", "pretrained")
-    if args.weights and str(Path(args.weights).resolve()) != weights:
-        raise CliError(f"--weights {args.weights}, but {first.directory} holds explanations of {_model_text(first)}")
+        if source.model != first.model:
+            raise CliError(f"{source.directory} holds explanations of {source.model_text()}, {first.directory} of "
+                           f"{first.model_text()}: evaluate compares maps of one model")
+    model, weights = first.model
+    if args.model and args.model != model or args.weights and str(Path(args.weights).resolve()) != weights:
+        given = f"--model {args.model}" if args.model and args.model != model else f"--weights {args.weights}"
+        raise CliError(f"{given}, but {first.directory} holds explanations of {first.model_text()}")
     files = {name: Path(r["file"]).resolve() for name, r in first.records.items()}
     for source in sources[1:]:
         other = {name: Path(r["file"]).resolve() for name, r in source.records.items()}
@@ -460,13 +468,14 @@ def run(args: argparse.Namespace) -> int:
     if args.out.resolve() in {s.directory.resolve() for s in sources}:
         args.parser.error("--out must be another directory than the explain directories it evaluates")
     images = check_sources(sources, args)
-    info = lookup_model(sources[0].settings["model"])
+    info = lookup_model(sources[0].model[0])
     if args.mask_size > info.image_size:
         args.parser.error(f"--mask-size {args.mask_size} is larger than the images ({info.image_size} px)")
     masks = mask_index(args.masks, images) if args.masks is not None else None
+    model, weights = sources[0].model
     settings = {
-        "model": sources[0].settings["model"],
-        "weights": sources[0].settings.get("weights", "pretrained"),
+        "model": model,
+        "weights": weights,
         "sources": [{"directory": str(s.directory.resolve()), "label": s.label, "explain": s.settings} for s in sources],
         "metrics": list(groups),
         "step": args.step,
@@ -505,10 +514,9 @@ def _results_path(out: Path, name: str) -> Path:
 
 
 def _evaluate_images(todo, sources: list[Source], groups, info, masks, args, output: OutputDir) -> None:
-    model_name, weights = sources[0].settings["model"], sources[0].settings.get("weights", "pretrained")
+    model_name, weights = sources[0].model
     model = create_model(model_name, weights=weights)
     args.out.mkdir(parents=True, exist_ok=True)
-    shape = (info.image_size, info.image_size)
     batch_size = min(args.batch_size, len(todo))
     progress = Progress(len(todo), sys.stderr)
     problems: dict[str, list[str]] = {}  # per image: what could not be scored
