@@ -316,20 +316,22 @@ def preprocess(
             f"aspect ratio {image.size[0]}x{image.size[1]} is too extreme: resizing the shorter side to "
             f"{size} would make {resized_pixels} pixels (jaxattr.image.MAX_PIXELS)"
         )
-    rgb = to_rgb(image)
+    return to_array(_geometry(to_rgb(image), transform, transform.interpolation))
+
+
+def _geometry(image: Image.Image, transform: Preprocessing, interpolation: str) -> Image.Image:
+    """`transform`'s resize (and crop) of a PIL image with the filter `interpolation`."""
     if transform.crop is None:
-        return to_array(rgb.resize((size, size), _FILTERS[transform.interpolation]))
-    resized = resize_shorter_side(rgb, size, transform.interpolation)
-    return to_array(center_crop(resized, transform.crop))
+        return image.resize((transform.resize, transform.resize), _FILTERS[interpolation])
+    return center_crop(resize_shorter_side(image, transform.resize, interpolation), transform.crop)
 
 
-def preprocess_labels(labels: Image.Image, info: ModelInfo, image_size: int | None = None) -> np.ndarray:
-    """The geometry of the model's eval transform applied to a label image (a segmentation mask
-    of the original image's size): shorter side resized with NEAREST, as torchvision resizes
-    masks, then the centre crop (outside the image: 0). The values as stored: class indices of a
-    palette ("P") image, not its colours; (s, s) for one channel, (s, s, c) for several."""
-    resize_size, crop_size = eval_sizes(info, image_size)
-    return np.asarray(center_crop(resize_shorter_side(labels, resize_size, "nearest"), crop_size))
+def preprocess_labels(labels: Image.Image, info: ModelInfo | Preprocessing, image_size: int | None = None) -> np.ndarray:
+    """The geometry of an eval transform (a model's, or a Preprocessing) applied to a label image
+    (a segmentation mask of the original image's size): resized with NEAREST, as torchvision
+    resizes masks, then the centre crop if any (outside the image: 0). The values as stored: class
+    indices of a palette ("P") image, not its colours; (s, s) for one channel, (s, s, c) for several."""
+    return np.asarray(_geometry(labels, _as_preprocessing(info, image_size), "nearest"))
 
 
 # ------------------------------------------------------------------------------- loading

@@ -14,7 +14,8 @@ inputs in fixed-shape batches, per-file keys, resumable output directories, atom
   limit with any extension; `check_outputs_apart` keeps outputs from landing on inputs.
 
 Every file is written atomically (`jaxattr.viz.write_atomically`): an interrupted run leaves
-finished outputs and no half-written file. The summary is merged into the one on disk under an
+finished outputs and no half-written file (a killed one may leave hidden temporary files, which
+the next run into the directory removes). The summary is merged into the one on disk under an
 exclusive lock (`fcntl.flock` on the directory itself), so concurrent runs into one directory keep
 each other's records. A failed write (no space left, a read-only file system) ends the run with
 a RunError naming the file, after the records of the finished inputs are saved where possible.
@@ -42,7 +43,7 @@ import numpy as np
 
 from jaxattr._files import display_path
 from jaxattr.image import ImageLoadError
-from jaxattr.viz import write_atomically
+from jaxattr.viz import remove_stale_temporaries, write_atomically
 
 try:
     import fcntl
@@ -225,6 +226,7 @@ class OutputDir:
         self.records: dict[str, dict] = {n: r for n, r in earlier.items() if r.get("status") == finished}
         self._replace_summary = overwrite  # the first write replaces the summary on disk
         self._warned_unlocked = False
+        self._created = False
 
     def _check_usable(self) -> None:
         """The path, or the nearest ancestor that exists, is a directory we may write into."""
@@ -249,11 +251,15 @@ class OutputDir:
             raise RunError(f"cannot write into the output directory {where}: {reason}")
 
     def create(self) -> None:
-        """Make the directory (and its parents); RunError if that fails."""
+        """Make the directory (and its parents), the first time clearing what a killed run left
+        half-written (temporary files of atomic writes); RunError if that fails."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunError(f"cannot create the output directory {display_path(self.path)}: {e.strerror or e}") from None
+        if not self._created:
+            remove_stale_temporaries(self.path)
+            self._created = True
 
     def _read_summary(self) -> tuple[dict | None, dict[str, dict]]:
         """(settings, records) of the summary on disk; (None, {}) if there is none or it is unreadable."""

@@ -23,6 +23,7 @@ from jaxattr.cli import convert, crosscheck, evaluate, explain, models
 from jaxattr.cli._common import CliError, config_flags
 from jaxattr.methods import list_methods
 from jaxattr.models import WeightsError
+from jaxattr.run import RunError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return args.run(args)
             except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
                 return e.code if isinstance(e.code, int) else 2
-            except (CliError, WeightsError) as e:
+            except (CliError, WeightsError, RunError) as e:
                 _report(f"jaxattr: error: {e}")
                 return getattr(e, "status", 1)
             except MemoryError:
