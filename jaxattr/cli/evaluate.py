@@ -119,7 +119,7 @@ def _step(text: str) -> int | str:
         return text
     try:
         return positive_int(text)
-    except ValueError:
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a number of pixels or one of {', '.join(RISE_STEPS)}, got {text!r}") from None
 
 
