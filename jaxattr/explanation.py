@@ -11,8 +11,8 @@ from jaxtyping import Array, Float, Int
 
 from jaxattr.config import Config
 from jaxattr.maps import upsample
-from jaxattr.methods._common import as_forward, check_inputs, is_key_batch
-from jaxattr.methods.base import Method, method_spec
+from jaxattr.methods._common import as_forward, is_key_batch
+from jaxattr.methods.base import Method, check_call, method_spec
 from jaxattr.sharding import data_parallel
 
 
@@ -71,6 +71,11 @@ def explain(
     spec = bound.spec
     if baselines is not None and not spec.takes_baselines:
         raise ValueError(f"{spec.name} takes no baselines")
+    if bound.stochastic and key is None:
+        randomness = "is stochastic" if spec.stochastic else "draws random numbers with these settings"
+        raise ValueError(f"{spec.name} {randomness}: pass key=jax.random.key(seed)")
+    forward = as_forward(model)
+    check_call(forward, images, targets, key)
     if devices is not None:
         batch = jnp.shape(images)[0]
         per_image = {"key": key} if is_key_batch(key, batch) else {}
@@ -82,10 +87,6 @@ def explain(
             return explain(m, x, bound, targets=t, **named)
 
         return data_parallel(run, model, images, targets, per_image=list(per_image.values()), devices=devices)
-    check_inputs(images, targets)
-    if spec.stochastic and key is None:
-        raise ValueError(f"{spec.name} is stochastic: pass key=jax.random.key(seed)")
-    forward = as_forward(model)
     predicted, probabilities = _predict(forward, images)
     targets = predicted if targets is None else jnp.broadcast_to(jnp.asarray(targets, jnp.int32), predicted.shape)
     arrays = {} if baselines is None else {"baselines": baselines}

@@ -127,6 +127,14 @@ def check_rule(rule: str, steps: int) -> None:
         raise ValueError(f"rule {rule!r} needs an integer number of steps >= {minimum}, got {steps!r}")
 
 
+def quadrature_bytes(rule: str, steps: int) -> int:
+    """Memory that building and holding `rule`'s tables takes: float64 nodes and weights, their
+    device copies, and for Gauss-Legendre NumPy's n x n companion matrix and its eigen-solver's
+    workspace (leggauss)."""
+    tables = 48 * steps
+    return tables + (24 * steps * steps if rule == "gausslegendre" else 0)
+
+
 def quadrature(rule: str, steps: int) -> Quadrature:
     """The rule `rule` with `steps` nodes on [0, 1] (0 = baseline side, 1 = the image)."""
     check_rule(rule, steps)

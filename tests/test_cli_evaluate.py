@@ -277,9 +277,17 @@ def test_directories_that_cannot_be_compared_are_refused(data, explained, tmp_pa
     ]:
         assert _main("evaluate", explained["saliency"], "--out", out, *extra) == 2
         assert message in _errors(capsys)
-    assert _main("evaluate", explained["saliency"], "--out", explained["saliency"]) == 2
-    assert "--out must be another directory" in _errors(capsys)
-    assert not out.exists()
+    # The output directory is never one it reads: an explain directory, or an image directory of --method.
+    before = sorted(p.name for p in Path(explained["saliency"]).iterdir())
+    assert _main("evaluate", explained["saliency"], "--out", explained["saliency"]) == 1
+    assert "is an input directory" in _errors(capsys)
+    assert sorted(p.name for p in Path(explained["saliency"]).iterdir()) == before
+    images = data / "images"
+    assert _main("evaluate", images, "--method", "saliency", "--out", images) == 1
+    assert "is an input directory" in _errors(capsys)
+    assert _main("evaluate", images, "--method", "saliency", "--recursive", "--out", images / "scores") == 1
+    assert "scanned with --recursive" in _errors(capsys)
+    assert not out.exists() and not (images / "scores").exists()
 
 
 def test_bad_masks(data, explained, tmp_path, capsys):

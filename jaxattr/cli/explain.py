@@ -14,22 +14,39 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattr import viz
+from jaxattr._files import display_path
 from jaxattr.cli._common import (
     CliError,
     add_config_options,
+    add_preprocessing_options,
     config_error,
     config_overrides,
+    fit_memory,
     format_table,
+    fraction,
     lookup_model,
     positive_int,
+    preprocessing,
+    seed,
 )
 from jaxattr.config import ConfigError
 from jaxattr.data import imagenet_labels
 from jaxattr.explanation import explain
-from jaxattr.image import ImageLoadError, expand_paths, load_image
+from jaxattr.image import ImageLoadError, Preprocessing, expand_paths, load_image
 from jaxattr.methods import Method, list_methods, method_spec
 from jaxattr.models import create_model
-from jaxattr.run import Batch, OutputDir, Progress, RunError, file_keys, output_names, run_batches
+from jaxattr.run import (
+    Batch,
+    OutputDir,
+    Progress,
+    RunError,
+    check_no_input_overwritten,
+    check_outputs_apart,
+    file_keys,
+    output_names,
+    outputs_complete,
+    run_batches,
+)
 
 DEFAULT_MODEL = "efficientnet_lite0"
 DEFAULT_METHOD = "integrated_gradients"
@@ -43,7 +60,9 @@ class ImageRecord:
 
     file: str
     output: str  # file name stem of <output>.png / <output>.npy
-    status: str  # "explained", "exists" (outputs found, no record of them), "unreadable", "non-finite"
+    # "explained", "exists" (outputs found, no record of them), "unreadable" (also what a directory
+    # scan could not use: a FIFO, an unreadable directory), "non-finite"
+    status: str
     class_index: int | None = None  # the explained class: the prediction, or --target
     label: str = ""
     probability: float | None = None
@@ -67,20 +86,26 @@ def add_parser(commands, method: str | None) -> None:
     ex.add_argument("--method", default=DEFAULT_METHOD, choices=list_methods(), help=f"default {DEFAULT_METHOD}")
     ex.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     ex.add_argument("--weights", metavar="FILE", help="weights file (jaxattr or torch); default: pretrained")
-    ex.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)")
+    ex.add_argument(
+        "--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)"
+    )
     ex.add_argument(
         "--target", metavar="CLASS", help="explain this class (index or ImageNet name) instead of the prediction"
     )
-    ex.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of stochastic methods (default 0)")
+    ex.add_argument(
+        "--seed", type=seed, default=0, metavar="N", help="random seed of stochastic methods and random baselines (default 0)"
+    )
     ex.add_argument("--overwrite", action="store_true", help="recompute images whose outputs exist")
     ex.add_argument("--panel", action="store_true", help="write image | heatmap | overlay side by side")
     ex.add_argument(
         "--alpha",
-        type=float,
+        type=fraction,
         default=viz.OVERLAY_ALPHA,
+        metavar="A",
         help=f"opacity of the hottest pixels in the overlay (default {viz.OVERLAY_ALPHA})",
     )
     ex.add_argument("--recursive", action="store_true", help="also take images in subdirectories")
+    add_preprocessing_options(ex)
     if method is not None:
         add_config_options(ex, method)
     ex.set_defaults(run=run, parser=ex)
@@ -107,28 +132,29 @@ def parse_target(text: str | None) -> int | None:
         return folded[0]
     if folded:
         candidates = ", ".join(f"{labels[i]!r} ({i})" for i in folded)
-        raise CliError(f"--target {text!r} is ambiguous: {candidates}; give the exact name or the index")
+        raise CliError(f"argument --target: {text!r} is ambiguous: {candidates}; give the exact name or the index", status=2)
     close = difflib.get_close_matches(text.lower(), [label.lower() for label in labels], n=5)
     hint = f"; did you mean: {', '.join(close)}?" if close else ""
-    raise CliError(f"--target {text!r} is neither a class index nor an ImageNet class name{hint}")
+    raise CliError(f"argument --target: {text!r} is neither a class index nor an ImageNet class name{hint}", status=2)
 
 
 def class_label(index: int, num_classes: int) -> str:
     return imagenet_labels()[index] if num_classes == len(imagenet_labels()) else f"class {index}"
 
 
-def settings(args: argparse.Namespace, method: Method, target: int | None) -> dict:
+def settings(args: argparse.Namespace, method: Method, target: int | None, transform: Preprocessing) -> dict:
     """What the outputs depend on; a resumed run must match the run that wrote them."""
     values = {
         "model": args.model,
-        "weights": str(Path(args.weights).resolve()) if args.weights else "pretrained",
+        "weights": str(Path(args.weights).absolute()) if args.weights else "pretrained",
         "method": args.method,
         "config": method.config.to_dict(),
         "target": target,
+        "preprocessing": transform.to_dict(),
         "panel": args.panel,
         "alpha": args.alpha,
     }
-    if method.spec.stochastic:
+    if method.stochastic:
         values["seed"] = args.seed
     return values
 
@@ -150,7 +176,7 @@ def explain_batch(model, method: Method, batch: Batch, keys, target) -> list[tup
 def _table_row(record: dict) -> tuple[str, ...]:
     cls, probability = record["class_index"], record["probability"]
     return (
-        record["file"],
+        display_path(record["file"]),
         "" if cls is None else str(cls),
         record["label"],
         "" if probability is None else f"{probability:.4f}",
@@ -159,68 +185,104 @@ def _table_row(record: dict) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    lookup_model(args.model)  # an unknown name fails before any work
+    info = lookup_model(args.model)  # an unknown name fails before any work
     try:
         method = method_spec(args.method).build(**config_overrides(args))
     except ConfigError as e:
         raise config_error(e) from None
     target = parse_target(args.target)
-    if not 0.0 <= args.alpha <= 1.0:
-        raise CliError(f"--alpha must be in [0, 1], got {args.alpha}")
+    transform = preprocessing(args, info)
+    skipped: list[ImageLoadError] = []
     try:
-        paths = expand_paths(args.inputs, recursive=args.recursive)
+        excluded = check_outputs_apart(args.out, [Path(p) for p in args.inputs], recursive=args.recursive)
+        paths = expand_paths(args.inputs, recursive=args.recursive, on_skip=skipped.append, exclude=excluded)
     except FileNotFoundError as e:
         raise CliError(str(e)) from None
-    if not paths:
-        raise CliError(f"no image files in {', '.join(args.inputs)}")
+    except RunError as e:
+        raise CliError(str(e)) from None
+    for error in skipped:
+        print(f"jaxattr: warning: skipped {error}", file=sys.stderr)
+    if not paths and not skipped:
+        raise CliError(f"no image files in {', '.join(map(display_path, args.inputs))}")
     try:
-        names = output_names(paths)
-        output = OutputDir(args.out, settings(args, method, target), RECORD_FIELDS, finished=EXPLAINED, overwrite=args.overwrite)
+        names = output_names([*paths, *(e.path for e in skipped)])
+        output = OutputDir(
+            args.out, settings(args, method, target, transform), RECORD_FIELDS, finished=EXPLAINED, overwrite=args.overwrite
+        )
+        check_no_input_overwritten(args.out, paths, lambda path: outputs(args.out, names[path]))
     except RunError as e:
         raise CliError(str(e)) from None
 
-    records, todo = {}, []
+    records = {names[e.path]: dataclasses.asdict(ImageRecord(str(e.path), names[e.path], "unreadable", message=e.reason)) for e in skipped}
+    todo = []
     for path in paths:
         name = names[path]
-        if not args.overwrite and all(p.is_file() for p in outputs(args.out, name)):
+        if not args.overwrite and outputs_complete(outputs(args.out, name)):
             records[name] = output.records.get(name) or dataclasses.asdict(ImageRecord(str(path), name, "exists"))
-            output.record(records[name])
         else:
             todo.append(path)
-    if records:
-        print(f"{len(records)} of {len(paths)} images already have outputs in {args.out}; skipping them", file=sys.stderr)
-    if todo:
-        for record in _explain_files(todo, names, args, method, target, output):
-            records[record["output"]] = record
+    for record in records.values():
+        output.record(record)
+    if len(records) > len(skipped):
+        print(f"{len(records) - len(skipped)} of {len(paths)} images already have outputs in {display_path(args.out)}; skipping them", file=sys.stderr)
+    try:
+        if todo:
+            for record in _explain_files(todo, names, args, method, target, transform, output):
+                records[record["output"]] = record
+        elif records:
+            output.write_summary()
+    except RunError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:  # the summary of a run with nothing to compute
+        raise CliError(f"cannot write the summary in {display_path(args.out)}: {e.strerror or e}") from None
 
-    ordered = [records[names[path]] for path in paths]
+    ordered = [records[names[path]] for path in [*(e.path for e in skipped), *paths]]
     print(format_table(("file", "class", "label", "probability", "status"), [_table_row(r) for r in ordered]))
     failed = sum(r["status"] in FAILED for r in ordered)
     print(
-        f"{len(todo) - failed} explained, {len(paths) - len(todo)} already done, {failed} failed; "
-        f"outputs and summary.json / summary.csv in {args.out}",
+        f"{len(todo) - (failed - len(skipped))} explained, {len(paths) - len(todo)} already done, {failed} failed; "
+        f"outputs and summary.json / summary.csv in {display_path(args.out)}",
         file=sys.stderr,
     )
     return 1 if failed else 0
 
 
+def _check_on_model(model, method: Method, batch_size: int, size: int, target: int | None) -> None:
+    """Trace the method once on abstract images (nothing runs; the trace is reused): settings this
+    model cannot take, such as an unknown --layer, are a usage error before any work."""
+    keys = file_keys(0, [str(i) for i in range(batch_size)]) if method.stochastic else None
+    images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
+    try:
+        jax.eval_shape(lambda x: explain(model, x, method, targets=target, key=keys).maps, images)
+    except ValueError as e:
+        raise CliError(f"{method.spec.name} on {model.name}: {e}", status=2) from None
+
+
 def _explain_files(
-    todo: list[Path], names: dict[Path, str], args: argparse.Namespace, method: Method, target: int | None, output: OutputDir
+    todo: list[Path],
+    names: dict[Path, str],
+    args: argparse.Namespace,
+    method: Method,
+    target: int | None,
+    transform: Preprocessing,
+    output: OutputDir,
 ) -> list[dict]:
-    info = lookup_model(args.model)
-    model = create_model(args.model, weights=args.weights or "pretrained")
-    shape = jax.ShapeDtypeStruct((1, info.image_size, info.image_size, 3), jnp.float32)
+    size = transform.size
+    model = create_model(args.model, weights=args.weights or "pretrained", image_size=size)
+    shape = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     num_classes = jax.eval_shape(model, shape).shape[-1]
     if target is not None and not 0 <= target < num_classes:
-        raise CliError(f"--target {target} is out of range: {args.model} has {num_classes} classes")
-    args.out.mkdir(parents=True, exist_ok=True)
+        raise CliError(f"argument --target: {target} is out of range: {args.model} has {num_classes} classes", status=2)
     batch_size = min(args.batch_size, len(todo))
+    method = fit_memory(method, model, batch_size, (size, size, 3))
+    _check_on_model(model, method, batch_size, size, target)
+    output.create()
     progress = Progress(len(todo), sys.stderr)
     spec = method.spec
 
     def compute(batch: Batch[Path]) -> list[tuple]:
         keys = None
-        if spec.stochastic:  # padded rows repeat the last real row's key
+        if method.stochastic:  # padded rows repeat the last real row's key
             keys = file_keys(args.seed, [names[p] for p in batch.items])
             keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], batch_size - len(batch.items))])
         return explain_batch(model, method, batch, keys, target)
@@ -247,7 +309,7 @@ def _explain_files(
     return run_batches(
         todo,
         batch_size=batch_size,
-        load=lambda path: load_image(path, info),
+        load=lambda path: load_image(path, transform),
         compute=compute,
         save=save,
         unreadable=unreadable,

@@ -30,7 +30,15 @@ from jaxtyping import Array, Float, Int
 
 from jaxattr.config import Config, ConfigError
 from jaxattr.maps import Contrast
-from jaxattr.methods._common import as_forward, check_inputs, is_key_batch, predicted_classes
+from jaxattr.methods._common import (
+    as_forward,
+    check_inputs,
+    check_key,
+    check_target_range,
+    check_values,
+    is_key_batch,
+    predicted_classes,
+)
 
 Targets = Int[Array, " b"] | int | None
 
@@ -56,7 +64,7 @@ class MethodSpec:
     contrast: Contrast  # display only: how PNGs scale the saliency map to [0, 1]
     upsample: Literal["bilinear", "bicubic"] = "bilinear"  # saliency map -> image resolution
     needs_model: bool = False  # needs a jaxattr Model (taps, sites, guided rules), not any forward
-    stochastic: bool = False  # needs a key
+    stochastic: bool = False  # always needs a key (`Method.stochastic` adds settings that draw random numbers)
     takes_baselines: bool = False  # accepts baselines= (an array replacing the config's named baseline)
     wraps: bool = False  # its config holds a base method (`base`), e.g. SmoothGrad
 
@@ -69,7 +77,7 @@ def make_config(spec: MethodSpec, config: Config | None = None, **overrides: Any
     """`config` (default: `spec`'s defaults) with `overrides` applied and validated."""
     config = spec.config() if config is None else config
     if not isinstance(config, spec.config):
-        raise TypeError(f"{spec.name} takes a {spec.config.__name__}, got {type(config).__name__}")
+        raise TypeError(f"{spec.name}: {config_type_message(spec.config, config)}")
     options = [f.name for f in dataclasses.fields(config)]
     unknown = sorted(set(overrides) - set(options))
     if unknown:
@@ -84,6 +92,12 @@ class Method:
 
     spec: MethodSpec
     config: Config
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether it needs a key: a stochastic method, or settings that draw random numbers (a
+        'uniform' baseline). The CLI derives per-file keys for exactly these."""
+        return self.spec.stochastic or self.config.needs_key()
 
     def __call__(self, model, images, targets=None, *, key=None, **arrays) -> Array:
         return self.spec.function(model, images, targets, config=self.config, key=key, **arrays)
@@ -111,6 +125,20 @@ def method_spec(name: str) -> MethodSpec:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(_METHODS)}") from None
 
 
+def config_type_message(expected: type[Config], config: Any) -> str:
+    hint = f"; build one with {expected.__name__}(**options)" if isinstance(config, dict) else ""
+    return f"config must be a {expected.__name__}, got {type(config).__name__}{hint}"
+
+
+def check_call(forward: Any, images: Array, targets: Targets, key: jax.Array | None) -> None:
+    """What every method checks at its public boundary, before anything is traced: shapes and
+    dtypes, finite pixel values in [0, 1] (within a margin), class indices the model has, a real key."""
+    check_inputs(images, targets)
+    check_key(key, images.shape[0])
+    check_values(images)
+    check_target_range(forward, images, targets)
+
+
 def run_compiled(
     compiled: Callable[..., Array],
     config_class: type[Config],
@@ -128,10 +156,10 @@ def run_compiled(
     `key` is one key for the batch (image i draws from fold_in(key, i)) or one typed key per
     image, shape (b,): each image is then computed from its own key alone, so its map does not
     depend on which batch it came in (the CLI keys images by file name)."""
-    check_inputs(images, targets)
     if not isinstance(config, config_class):
-        raise TypeError(f"config must be a {config_class.__name__}, got {type(config).__name__}")
+        raise TypeError(config_type_message(config_class, config))
     forward = as_forward(model)
+    check_call(forward, images, targets, key)
     if not is_key_batch(key, images.shape[0]):
         return compiled(forward, images, targets, key, config, **arrays)
     per_image = {name: a for name, a in arrays.items() if a is not None}
