@@ -91,6 +91,11 @@ def outputs(out: Path, name: str) -> tuple[Path, Path]:
     return out / f"{name}.png", out / f"{name}.npy"
 
 
+def extra_output(out: Path, name: str, extra: str) -> Path:
+    """Where the method's extra output `extra` (MethodSpec.extras) of image `name` is saved."""
+    return out / f"{name}.{extra}.npy"
+
+
 def parse_target(text: str | None) -> int | None:
     """A class index, or an ImageNet class name: an exact (case-sensitive) name first, then a
     case-insensitive one if it is unique ('cardigan' is class 474, 'Cardigan' the dog 264)."""
@@ -241,7 +246,7 @@ def _explain_files(
             png, npy = outputs(args.out, name)
             # The method's extra outputs (MethodSpec.extras) first, as <name>.<output>.npy.
             for extra, value in extras.items():
-                viz.write_atomically(args.out / f"{name}.{extra}.npy", lambda f, v=value: np.save(f, v))
+                viz.write_atomically(extra_output(args.out, name, extra), lambda f, v=value: np.save(f, v))
             # Each file is atomic; an image only counts as done once both exist.
             viz.write_atomically(npy, lambda f: np.save(f, attribution))
             picture = viz.panel(image, heat, args.alpha) if args.panel else viz.overlay(image, heat, args.alpha)

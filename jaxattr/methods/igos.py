@@ -559,6 +559,10 @@ def optimise(problem: Problem, optimizer: optax.GradientTransformationExtraArgs,
     return masks, records
 
 
+# The name of the metric's mask among the extra outputs (`jaxattr explain` saves <image>.mask.npy).
+MASK_OUTPUT = "mask"
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class IGOSResult:
@@ -574,7 +578,7 @@ class IGOSResult:
 
     def extras(self) -> dict[str, Array]:
         """The low-resolution masks by name (what `jaxattr explain` saves beside the map)."""
-        named = {"mask": self.mask, "deletion_mask": self.deletion_mask, "insertion_mask": self.insertion_mask}
+        named = {MASK_OUTPUT: self.mask, "deletion_mask": self.deletion_mask, "insertion_mask": self.insertion_mask}
         return {name: value for name, value in named.items() if value is not None}
 
 
