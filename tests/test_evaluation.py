@@ -5,7 +5,6 @@ torchvision's transforms."""
 
 import numpy as np
 import pytest
-import scipy.ndimage
 import torch
 import torchvision.transforms as T
 from PIL import Image
