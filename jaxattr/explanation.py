@@ -25,6 +25,8 @@ class Explanation:
     maps: Float[Array, "b h w"]
     targets: Int[Array, " b"]
     probabilities: Float[Array, " b"]  # softmax probability of each target
+    # The method's other outputs by name, batch first (MethodSpec.extras; e.g. I-GOS's masks).
+    extras: dict[str, Array] = dataclasses.field(default_factory=dict)
 
 
 @jax.jit
@@ -90,7 +92,7 @@ def explain(
     predicted, probabilities = _predict(forward, images)
     targets = predicted if targets is None else jnp.broadcast_to(jnp.asarray(targets, jnp.int32), predicted.shape)
     arrays = {} if baselines is None else {"baselines": baselines}
-    attributions = bound(model, images, targets, key=key, **arrays)
+    attributions, extras = bound.with_extras(model, images, targets, key=key, **arrays)
     maps = upsample(spec.saliency(attributions), images.shape[1:3], spec.upsample)
     target_probabilities = jnp.take_along_axis(probabilities, targets[:, None], axis=-1)[:, 0]
-    return Explanation(attributions, maps, targets, target_probabilities)
+    return Explanation(attributions, maps, targets, target_probabilities, extras)

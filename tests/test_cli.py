@@ -548,3 +548,26 @@ def test_explain_runs_without_torch_and_convert_says_what_to_install(tmp_path, w
     assert done.returncode == 0, done.stderr
     assert "pip install 'jaxattr[torch]'" in done.stderr
     assert (tmp_path / "out" / "cat.png").is_file() and (tmp_path / "out" / "cat.npy").is_file()
+
+
+def test_extra_outputs_are_saved_beside_the_map_and_resumed(images, tmp_path, weights, monkeypatch):
+    """A method's extras (MethodSpec.extras, e.g. I-GOS's masks) become <name>.<extra>.npy, written
+    with the map and skipped with it on a re-run."""
+
+    def probe(model, images, targets=None, *, config=None, key=None):
+        return images
+
+    def with_cells(model, images, targets=None, *, config=None, key=None):
+        return images, {"cells": images[:, ::8, ::8, 0]}
+
+    spec = MethodSpec("probe", probe, ProbeConfig, "test", saliency=maps.abs_sum, contrast=maps.Contrast(), extras=with_cells)
+    monkeypatch.setitem(method_base._METHODS, "probe", spec)
+    (images / "broken.jpg").unlink()
+    out = tmp_path / "out"
+    assert _explain([images], out, weights, "--method", "probe") == 0
+    for name in ("grey", "rgb", "rgba", "sixteen"):
+        image = load_image(images / f"{name}.png", model_info("resnet18"))
+        np.testing.assert_array_equal(np.load(out / f"{name}.cells.npy"), image[::8, ::8, 0])
+    first = _mtimes(out)
+    assert _explain([images], out, weights, "--method", "probe") == 0
+    assert _mtimes(out) == first and len(first) == 12

@@ -41,7 +41,6 @@ from jaxattr.evaluation import (
     DEFAULT_METRICS,
     IGOS_MASK_SIZE,
     METRIC_GROUPS,
-    blurred_baselines,
     check_metrics,
     evaluate_maps,
     result_rows,
@@ -53,6 +52,7 @@ from jaxattr.evaluation import (
 from jaxattr.image import ImageLoadError, Preprocessing, expand_paths, open_image, preprocess, preprocess_labels
 from jaxattr.maps import upsample
 from jaxattr.methods import MethodSpec, list_methods, method_spec
+from jaxattr.methods.igos import MASK_OUTPUT, igos_baselines
 from jaxattr.metrics import DEFAULT_CHUNK, RISE_STEPS, binary_mask, segmentation
 from jaxattr.models import create_model
 from jaxattr.report import method_records, write_report
@@ -64,10 +64,9 @@ EXPLAIN_DIR = "explain"  # OUT/explain/<method>: the explanations of --method
 INPUTS_DIR = "inputs"  # OUT/inputs/<name>.png: the preprocessed images, shown in the report
 RESULTS_DIR = "results"  # OUT/results/<name>.npz: every metric result of the image
 RECORD_FIELDS = ["file", "output", "status", "message"]
-# SEAM(igos): I-GOS's `jaxattr explain` writes its low-resolution mask (low = salient) beside the map as
-# <name>.mask.npy (MethodSpec.extras on branch igos). Where it exists, the I-GOS metric scores that
-# mask; every other method's map is averaged over the cells of --mask-size (`saliency_cells`).
-IGOS_MASK_SUFFIX = ".mask.npy"
+# I-GOS's `jaxattr explain` writes its low-resolution mask (low = salient) beside the map
+# (`explain.extra_output(..., MASK_OUTPUT)`). Where it exists, the I-GOS metric scores that mask;
+# every other method's map is averaged over the cells of --mask-size (`saliency_cells`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,9 +261,9 @@ def explain_first(args: argparse.Namespace) -> list[Path]:
 
 
 def _igos_mask_shape(directory: Path, names: list[str]) -> tuple[int, ...] | None:
-    """SEAM(igos): the shape of the first I-GOS mask file in `directory`, None if it has none."""
+    """The shape of the first I-GOS mask file in `directory`, None if it has none."""
     for name in names:
-        path = directory / f"{name}{IGOS_MASK_SUFFIX}"
+        path = explain.extra_output(directory, name, MASK_OUTPUT)
         if path.is_file():
             try:
                 return np.load(path, mmap_mode="r", allow_pickle=False).shape
@@ -431,8 +430,8 @@ def _read_map(source: Source, path: Path, shape: tuple[int, int]) -> tuple[np.nd
 
 
 def _read_igos_mask(source: Source, name: str) -> tuple[np.ndarray, str]:
-    """SEAM(igos): the image's I-GOS mask from <name>.mask.npy (NaN and a problem if unusable)."""
-    path = source.directory / f"{name}{IGOS_MASK_SUFFIX}"
+    """The image's I-GOS mask from <name>.mask.npy (NaN and a problem if unusable)."""
+    path = explain.extra_output(source.directory, name, MASK_OUTPUT)
     nan = np.full(source.mask_shape, np.nan, np.float32)
     if not path.is_file():
         return nan, f"{source.label}: no I-GOS mask {path.name}"
@@ -581,7 +580,7 @@ def _evaluate_images(todo, sources: list[Source], groups, transform: Preprocessi
         targets = np.asarray(batch.inputs["targets"])
         if (targets < 0).any():  # explain recorded no class: score the prediction
             targets = np.where(targets < 0, np.asarray(jnp.argmax(model(images), axis=-1))[:, None], targets)
-        baselines = blurred_baselines(images) if "igos" in groups else None
+        baselines = igos_baselines(images) if "igos" in groups else None
         per_source = []
         for i in range(len(sources)):
             results = evaluate_maps(

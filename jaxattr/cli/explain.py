@@ -78,7 +78,8 @@ def add_parser(commands, method: str | None) -> None:
         help="write saliency maps of image files",
         allow_abbrev=False,
         description="Explain each image's predicted (or --target) class. Writes <name>.png (overlay) and "
-        "<name>.npy (raw attribution) per image, and summary.json / summary.csv, into --out. Images "
+        "<name>.npy (raw attribution) per image, and summary.json / summary.csv, into --out; methods "
+        "with other outputs add <name>.<output>.npy (I-GOS: the low-resolution masks). Images "
         "whose outputs exist are skipped unless --overwrite, so an interrupted run resumes.",
     )
     ex.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and/or directories of images")
@@ -113,6 +114,11 @@ def add_parser(commands, method: str | None) -> None:
 
 def outputs(out: Path, name: str) -> tuple[Path, Path]:
     return out / f"{name}.png", out / f"{name}.npy"
+
+
+def extra_output(out: Path, name: str, extra: str) -> Path:
+    """Where the method's extra output `extra` (MethodSpec.extras) of image `name` is saved."""
+    return out / f"{name}.{extra}.npy"
 
 
 def parse_target(text: str | None) -> int | None:
@@ -160,15 +166,21 @@ def settings(args: argparse.Namespace, method: Method, target: int | None, trans
 
 
 def explain_batch(model, method: Method, batch: Batch, keys, target) -> list[tuple]:
-    """(attribution, saliency map, class, probability) per real row of the batch, as numpy."""
-    result = explain(model, jnp.asarray(batch.inputs), method, targets=target, key=keys)
+    """(attribution, saliency map, class, probability, {extra output: array}) per real row of the
+    batch, as numpy."""
+    try:
+        result = explain(model, jnp.asarray(batch.inputs), method, targets=target, key=keys)
+    except ValueError as e:  # inputs the method cannot take (e.g. a mask larger than the image)
+        raise CliError(f"{method.spec.name}: {e}") from None
     n = len(batch.items)
+    extras = {name: np.asarray(value[:n]) for name, value in result.extras.items()}
     return list(
         zip(
             np.asarray(result.attributions[:n]),
             np.asarray(result.maps[:n]),
             np.asarray(result.targets[:n]),
             np.asarray(result.probabilities[:n]),
+            [{name: value[i] for name, value in extras.items()} for i in range(n)],
         )
     )
 
@@ -288,12 +300,15 @@ def _explain_files(
         return explain_batch(model, method, batch, keys, target)
 
     def save(path: Path, image: np.ndarray, result: tuple) -> dict:
-        attribution, saliency_map, cls, probability = result
+        attribution, saliency_map, cls, probability, extras = result
         name, cls = names[path], int(cls)
         record = ImageRecord(str(path), name, EXPLAINED, cls, class_label(cls, num_classes), float(probability))
         if np.isfinite(attribution).all() and np.isfinite(saliency_map).all():
             heat = viz.contrast(saliency_map, spec.contrast)
             png, npy = outputs(args.out, name)
+            # The method's extra outputs (MethodSpec.extras) first, as <name>.<output>.npy.
+            for extra, value in extras.items():
+                viz.write_atomically(extra_output(args.out, name, extra), lambda f, v=value: np.save(f, v))
             # Each file is atomic; an image only counts as done once both exist.
             viz.write_atomically(npy, lambda f: np.save(f, attribution))
             picture = viz.panel(image, heat, args.alpha) if args.panel else viz.overlay(image, heat, args.alpha)

@@ -67,6 +67,11 @@ class MethodSpec:
     stochastic: bool = False  # always needs a key (`Method.stochastic` adds settings that draw random numbers)
     takes_baselines: bool = False  # accepts baselines= (an array replacing the config's named baseline)
     wraps: bool = False  # its config holds a base method (`base`), e.g. SmoothGrad
+    # Outputs besides the attributions: a call with `function`'s arguments returning
+    # (attributions, {name: array, batch first}) from the same run, e.g. I-GOS's low-resolution
+    # masks; `explain` returns them in Explanation.extras, `jaxattr explain` saves each one as
+    # <image>.<name>.npy beside the map. None: the method has none.
+    extras: Callable[..., tuple[Array, dict[str, Array]]] | None = None
 
     def build(self, config: Config | None = None, **overrides: Any) -> "Method":
         """This method bound to `config` (default: the reference's defaults) with `overrides`."""
@@ -101,6 +106,12 @@ class Method:
 
     def __call__(self, model, images, targets=None, *, key=None, **arrays) -> Array:
         return self.spec.function(model, images, targets, config=self.config, key=key, **arrays)
+
+    def with_extras(self, model, images, targets=None, *, key=None, **arrays) -> tuple[Array, dict[str, Array]]:
+        """(attributions, the spec's extra outputs by name) from one run; no extras: an empty dict."""
+        if self.spec.extras is None:
+            return self(model, images, targets, key=key, **arrays), {}
+        return self.spec.extras(model, images, targets, config=self.config, key=key, **arrays)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.spec.name, "config": self.config.to_dict()}
@@ -167,6 +178,7 @@ def run_compiled(
         raise ValueError(f"per-image keys cannot be combined with {', '.join(per_image)}: pass one key")
     targets = predicted_classes(forward, images) if targets is None else targets
     targets = jnp.broadcast_to(jnp.asarray(targets, jnp.int32), images.shape[:1])
-    one = lambda x, t, k: compiled(forward, x[None], t[None], k, config, **arrays)[0]
+    # The result may be any pytree of batch-first arrays (I-GOS returns its masks and trace too).
+    one = lambda x, t, k: jax.tree_util.tree_map(lambda a: a[0], compiled(forward, x[None], t[None], k, config, **arrays))
     return jax.vmap(one)(images, targets, key)
 
