@@ -35,6 +35,15 @@ from jaxattr.methods.guided_backprop import (
     guided_backprop as guided_backprop,
 )
 from jaxattr.methods.guided_ig import GuidedIGConfig as GuidedIGConfig, guided_ig as guided_ig
+from jaxattr.methods.ig2 import (
+    GradPath as GradPath,
+    IG2Config as IG2Config,
+    IG2Result as IG2Result,
+    gradpath as gradpath,
+    ig2 as ig2,
+    ig2_result as ig2_result,
+    select_references as select_references,
+)
 from jaxattr.methods.integrated_gradients import (
     GnlIGConfig as GnlIGConfig,
     IntegratedGradientsConfig as IntegratedGradientsConfig,

@@ -30,6 +30,8 @@ CASES = {
     "blur_ig": ({"steps": 4, "max_sigma": 4.0}, {"grad_step": 0.0}),
     "guided_backprop": ({}, {"nonlinearity": "standard"}),
     "gradcam": ({}, {"relu": "yes"}),
+    # no references here: each image descends towards the config's default (black) reference
+    "ig2": ({"steps": 3, "step_size": 16.0}, {"step_size": 0.0}),
 }
 SIZE, BATCH = 32, 3
 

@@ -18,6 +18,7 @@ from jaxattr.cli._common import (
     CliError,
     add_config_options,
     config_error,
+    config_flags,
     config_overrides,
     format_table,
     lookup_model,
@@ -83,7 +84,37 @@ def add_parser(commands, method: str | None) -> None:
     ex.add_argument("--recursive", action="store_true", help="also take images in subdirectories")
     if method is not None:
         add_config_options(ex, method)
+        add_method_options(ex, method)
     ex.set_defaults(run=run, parser=ex)
+
+
+EXTRA_DEST = "extra:"  # argparse dest prefix of the method's extra-output switches
+
+
+def add_method_options(parser: argparse.ArgumentParser, method: str) -> None:
+    """What `method` takes besides its config (reference images) and the extra pictures it can
+    write (`MethodSpec.extra_outputs`)."""
+    spec = method_spec(method)
+    if not (spec.takes_references or spec.extra_outputs):
+        return
+    group = parser.add_argument_group(f"inputs and outputs of {method}")
+    if spec.takes_references:
+        group.add_argument(
+            "--references",
+            nargs="+",
+            metavar="IMAGES_OR_DIRS",
+            help="reference images (files and/or directories; --recursive applies), preprocessed like the "
+            "inputs with the model's eval transform; the method's options say which each image uses",
+        )
+    for extra in spec.extra_outputs:
+        group.add_argument("--" + extra.flag, dest=EXTRA_DEST + extra.flag, action="store_true", help=extra.help)
+
+
+def method_flags(method: str) -> list[str]:
+    """Every option of `explain` that belongs to `method`: its config's and the ones above."""
+    spec = method_spec(method)
+    extras = ["--" + extra.flag for extra in spec.extra_outputs]
+    return [*config_flags(method), *(["--references"] if spec.takes_references else []), *extras]
 
 
 def outputs(out: Path, name: str) -> tuple[Path, Path]:
@@ -117,7 +148,7 @@ def class_label(index: int, num_classes: int) -> str:
     return imagenet_labels()[index] if num_classes == len(imagenet_labels()) else f"class {index}"
 
 
-def settings(args: argparse.Namespace, method: Method, target: int | None) -> dict:
+def settings(args: argparse.Namespace, method: Method, target: int | None, references: list[Path]) -> dict:
     """What the outputs depend on; a resumed run must match the run that wrote them."""
     values = {
         "model": args.model,
@@ -128,14 +159,22 @@ def settings(args: argparse.Namespace, method: Method, target: int | None) -> di
         "panel": args.panel,
         "alpha": args.alpha,
     }
-    if method.spec.stochastic:
+    if method.spec.takes_references:  # in this order: a picture's index names its reference
+        values["references"] = [str(p.resolve()) for p in references]
+    if uses_keys(method):
         values["seed"] = args.seed
     return values
 
 
-def explain_batch(model, method: Method, batch: Batch, keys, target) -> list[tuple]:
+def uses_keys(method: Method) -> bool:
+    """Stochastic methods draw noise; methods taking references may draw among them."""
+    return method.spec.stochastic or method.spec.takes_references
+
+
+def explain_batch(model, method: Method, batch: Batch, keys, target, references=None) -> list[tuple]:
     """(attribution, saliency map, class, probability) per real row of the batch, as numpy."""
-    result = explain(model, jnp.asarray(batch.inputs), method, targets=target, key=keys)
+    arrays = {} if references is None else {"references": references}
+    result = explain(model, jnp.asarray(batch.inputs), method, targets=target, key=keys, **arrays)
     n = len(batch.items)
     return list(
         zip(
@@ -173,9 +212,12 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     if not paths:
         raise CliError(f"no image files in {', '.join(args.inputs)}")
+    reference_paths, references = _load_references(args, method)
     try:
         names = output_names(paths)
-        output = OutputDir(args.out, settings(args, method, target), RECORD_FIELDS, finished=EXPLAINED, overwrite=args.overwrite)
+        output = OutputDir(
+            args.out, settings(args, method, target, reference_paths), RECORD_FIELDS, finished=EXPLAINED, overwrite=args.overwrite
+        )
     except RunError as e:
         raise CliError(str(e)) from None
 
@@ -190,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     if records:
         print(f"{len(records)} of {len(paths)} images already have outputs in {args.out}; skipping them", file=sys.stderr)
     if todo:
-        for record in _explain_files(todo, names, args, method, target, output):
+        for record in _explain_files(todo, names, args, method, target, output, references):
             records[record["output"]] = record
 
     ordered = [records[names[path]] for path in paths]
@@ -204,8 +246,38 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _load_references(args: argparse.Namespace, method: Method) -> tuple[list[Path], np.ndarray | None]:
+    """The --references images, preprocessed with the model's eval transform: (paths, (r, h, w, 3))."""
+    if not method.spec.takes_references:
+        return [], None
+    if not args.references:
+        print(f"{args.method}: no --references given; each image uses the method's default reference", file=sys.stderr)
+        return [], None
+    try:
+        paths = expand_paths(args.references, recursive=args.recursive)
+    except FileNotFoundError as e:
+        raise CliError(f"--references: {e}") from None
+    if not paths:
+        raise CliError(f"--references: no image files in {', '.join(args.references)}")
+    info = lookup_model(args.model)
+    try:
+        images = np.stack([load_image(path, info) for path in paths])
+    except ImageLoadError as e:
+        raise CliError(f"--references: {e}") from None
+    wanted = getattr(method.config, "num_references", None)
+    fewer = f", fewer than --num-references {wanted}: each image uses every one its rules admit" if wanted and wanted > len(paths) else ""
+    print(f"{args.method}: {len(paths)} reference images{fewer}", file=sys.stderr)
+    return paths, images
+
+
 def _explain_files(
-    todo: list[Path], names: dict[Path, str], args: argparse.Namespace, method: Method, target: int | None, output: OutputDir
+    todo: list[Path],
+    names: dict[Path, str],
+    args: argparse.Namespace,
+    method: Method,
+    target: int | None,
+    output: OutputDir,
+    references: np.ndarray | None,
 ) -> list[dict]:
     info = lookup_model(args.model)
     model = create_model(args.model, weights=args.weights or "pretrained")
@@ -217,16 +289,23 @@ def _explain_files(
     batch_size = min(args.batch_size, len(todo))
     progress = Progress(len(todo), sys.stderr)
     spec = method.spec
+    extras = [extra for extra in spec.extra_outputs if getattr(args, EXTRA_DEST + extra.flag, False)]
+    arrays = {} if references is None else {"references": references}
 
     def compute(batch: Batch[Path]) -> list[tuple]:
         keys = None
-        if spec.stochastic:  # padded rows repeat the last real row's key
+        if uses_keys(method):  # padded rows repeat the last real row's key
             keys = file_keys(args.seed, [names[p] for p in batch.items])
             keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], batch_size - len(batch.items))])
-        return explain_batch(model, method, batch, keys, target)
+        results = explain_batch(model, method, batch, keys, target, references)
+        pictures = [{} for _ in results]
+        for extra in extras:  # one dict of pictures per row, merged over the requested extras
+            computed = extra.pictures(model, jnp.asarray(batch.inputs), target, config=method.config, key=keys, **arrays)
+            pictures = [{**mine, **theirs} for mine, theirs in zip(pictures, computed)]
+        return [(*result, extra) for result, extra in zip(results, pictures)]
 
     def save(path: Path, image: np.ndarray, result: tuple) -> dict:
-        attribution, saliency_map, cls, probability = result
+        attribution, saliency_map, cls, probability, pictures = result
         name, cls = names[path], int(cls)
         record = ImageRecord(str(path), name, EXPLAINED, cls, class_label(cls, num_classes), float(probability))
         if np.isfinite(attribution).all() and np.isfinite(saliency_map).all():
@@ -236,6 +315,10 @@ def _explain_files(
             viz.write_atomically(npy, lambda f: np.save(f, attribution))
             picture = viz.panel(image, heat, args.alpha) if args.panel else viz.overlay(image, heat, args.alpha)
             viz.save_png(png, picture)
+            for suffix, extra_picture in pictures.items():
+                extra_picture = np.asarray(extra_picture)
+                rgb = extra_picture if extra_picture.ndim == 3 else np.repeat(extra_picture[..., None], 3, axis=-1)
+                viz.save_png(args.out / f"{name}_{suffix}.png", rgb)
         else:
             record.status, record.message = "non-finite", "NaN or inf in the attribution; outputs not written"
             progress.note(f"skipped {path}: {record.message}")
