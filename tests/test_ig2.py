@@ -13,8 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from jaxattr import ConfigError, explain, paths
+from jaxattr import ConfigError, cli, explain, maps, paths
+from jaxattr.config import Config, config, static
+from jaxattr.methods import base as method_base
+from jaxattr.methods.base import ExtraOutput, MethodSpec
 from jaxattr.methods.ig2 import IG2Config, gradpath, ig2, ig2_result, select_references
 from jaxattr.models import Model
 from jaxattr.models.resnet import ResNet
@@ -385,3 +389,84 @@ def test_four_cpu_devices_change_nothing():
     report = json.loads(done.stdout.split("REPORT", 1)[1])
     for name, diffs in report.items():
         assert max(diffs) <= 1e-12, (name, diffs)  # float64: the same arithmetic, split over devices
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory):
+    """Random-init ResNet-18 weights and two noise photos, the second also a reference."""
+    from jaxattr.models import create_model
+    from jaxattr.models.weights import save_params
+
+    root = tmp_path_factory.mktemp("cli")
+    weights = root / "resnet18.safetensors"
+    save_params(weights, create_model("resnet18", weights=None).params, model="resnet18")
+    photos = root / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
+    return weights, photos
+
+
+def _cli(setup, out, *extra) -> int:
+    weights, photos = setup
+    return cli.main(["explain", str(photos / "p0.png"), "--model", "resnet18", "--weights", str(weights), "--out", str(out), *extra])
+
+
+@pytest.fixture
+def reference_probe(monkeypatch):
+    """A registered method that takes references and has an extra output, and records its inputs."""
+    seen = []
+
+    @config
+    class ProbeConfig(Config):
+        num_references: int | None = static(8)
+
+    def probe(model, images, targets=None, *, config=None, key=None, references=None):
+        seen.append((references, key))
+        return images - jnp.mean(references, axis=0)
+
+    def pictures(model, images, targets=None, *, config, key=None, references=None):
+        return [{"first": np.asarray(references[0]), "grey": np.asarray(references[0, ..., 0])} for _ in images]
+
+    spec = MethodSpec(
+        "refprobe", probe, ProbeConfig, "test", saliency=maps.abs_sum, contrast=maps.Contrast(),
+        takes_references=True, extra_outputs=(ExtraOutput("save-firsts", "the first reference", pictures),),
+    )
+    monkeypatch.setitem(method_base._METHODS, "refprobe", spec)
+    return seen
+
+
+def test_cli_loads_references_and_writes_extra_pictures(cli_setup, tmp_path, reference_probe, capsys):
+    out = tmp_path / "out"
+    assert _cli(cli_setup, out, "--method", "refprobe", "--references", str(cli_setup[1]), "--save-firsts") == 0
+    ((references, key),) = reference_probe
+    assert references.shape == (2, 224, 224, 3)  # the model's eval transform, like the inputs
+    assert key is not None  # methods taking references may draw among them: per-file keys
+    assert "refprobe: 2 reference images, fewer than --num-references 8" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*.png")) == ["p0.png", "p0_first.png", "p0_grey.png"]
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert [Path(p).name for p in settings["references"]] == ["p0.png", "p1.png"] and "seed" in settings
+
+
+def test_cli_reference_errors_are_one_line(cli_setup, tmp_path, reference_probe, capsys):
+    for extra, status, message in (
+        (("--references", str(tmp_path / "missing")), 1, "--references: no such file or directory"),
+        (("--references", str(tmp_path)), 1, "--references: no image files in"),
+        (("--method", "saliency", "--references", str(cli_setup[1])), 2, "saliency has no option --references (an option of"),
+    ):
+        method = () if "--method" in extra else ("--method", "refprobe")
+        assert _cli(cli_setup, tmp_path / "out", *method, *extra) == status
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) <= 2 and message in err[-1], err  # (a note on the references may precede it)
+
+
+@pytest.mark.slow  # two IG2 programs on ResNet-18 at 224 px
+def test_cli_ig2_with_references_and_gradcf_pictures(cli_setup, tmp_path):
+    out = tmp_path / "out"
+    options = ["--method", "ig2", "--references", str(cli_setup[1]), "--steps", "1", "--selection", "all", "--save-path"]
+    assert _cli(cli_setup, out, *options) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["p0.png", "p0_gradcf0.png", "p0_gradcf1.png"]
+    assert np.isfinite(np.load(out / "p0.npy")).all()
