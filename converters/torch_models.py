@@ -36,7 +36,13 @@ def torch_model(name: str, *, seed: int = 0) -> torch.nn.Module:
 
         kwargs = _TORCHVISION_KWARGS.get(name, {})
         model = torchvision.models.get_model(info.torch_name or name, weights=None, **kwargs)
-    generator = torch.Generator().manual_seed(seed + 1)
+    return randomise_constants(model, seed=seed + 1).eval()
+
+
+def randomise_constants(model: torch.nn.Module, *, seed: int) -> torch.nn.Module:
+    """`model` with the parameters its library initialises to constants drawn at random (see
+    `torch_model`), in place."""
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -48,7 +54,7 @@ def torch_model(name: str, *, seed: int = 0) -> torch.nn.Module:
         for parameter in model.parameters():
             if not parameter.any():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return model.eval()
+    return model
 
 
 def to_torch(model: Model) -> torch.nn.Module:
@@ -67,10 +73,16 @@ def from_torch(name: str, module: torch.nn.Module, *, nonlinearity: str = "stand
     info = model_info(name)
     check_nonlinearity(nonlinearity)
     classifier = info.build(nonlinearity=nonlinearity, image_size=info.image_size)
+    return with_torch_weights(classifier, module, info.image_size, name)
+
+
+def with_torch_weights(classifier, module: torch.nn.Module, image_size: int, name: str = "") -> Model:
+    """A jaxattr `Model` of the Flax `classifier` holding the weights of its torch twin `module`
+    (any configuration, e.g. a small ResNet built for a test)."""
     # Shapes only: a random initialisation (an eager forward pass) would be thrown away.
-    images = jax.ShapeDtypeStruct((1, info.image_size, info.image_size, 3), jnp.float32)
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     template = jax.eval_shape(classifier.init, jax.random.key(0), images)["params"]
-    params = params_from_state_dict(module.state_dict(), template, source=f"torch {name}")
+    params = params_from_state_dict(module.state_dict(), template, source=f"torch {name or type(module).__name__}")
     return Model(classifier, jax.tree_util.tree_map(jnp.asarray, params), name)
 
 

@@ -44,6 +44,15 @@ from jaxattr.methods.igos import (
     igos_plus as igos_plus,
     igos_pp as igos_pp,
 )
+from jaxattr.methods.ig2 import (
+    GradPath as GradPath,
+    IG2Config as IG2Config,
+    IG2Result as IG2Result,
+    gradpath as gradpath,
+    ig2 as ig2,
+    ig2_result as ig2_result,
+    select_references as select_references,
+)
 from jaxattr.methods.integrated_gradients import (
     GnlIGConfig as GnlIGConfig,
     IntegratedGradientsConfig as IntegratedGradientsConfig,

@@ -50,6 +50,7 @@ def explain(
     config: Config | None = None,
     devices: Sequence[jax.Device] | None = None,
     baselines: Float[Array, "*f"] | None = None,
+    references: Float[Array, "*r h w 3"] | None = None,
     **overrides: Any,
 ) -> Explanation:
     """Explain each image's target class (default: the predicted class) with `method`.
@@ -63,7 +64,10 @@ def explain(
 
     `baselines` (methods that take them: integrated_gradients, gnl_ig, guided_ig) replaces the
     config's named baseline by an array broadcastable to the images: one per image, one image, a
-    colour."""
+    colour.
+
+    `references` (methods that take them: ig2) are reference images, one set (r, h, w, 3) for all
+    images or one per image (b, r, h, w, 3)."""
     if isinstance(method, Method):
         if config is not None or overrides:
             raise ValueError("a bound method carries its config: pass config/overrides to jaxattr.method() instead")
@@ -73,6 +77,8 @@ def explain(
     spec = bound.spec
     if baselines is not None and not spec.takes_baselines:
         raise ValueError(f"{spec.name} takes no baselines")
+    if references is not None and not spec.takes_references:
+        raise ValueError(f"{spec.name} takes no references")
     if bound.stochastic and key is None:
         randomness = "is stochastic" if spec.stochastic else "draws random numbers with these settings"
         raise ValueError(f"{spec.name} {randomness}: pass key=jax.random.key(seed)")
@@ -83,15 +89,17 @@ def explain(
         per_image = {"key": key} if is_key_batch(key, batch) else {}
         if baselines is not None and jnp.ndim(baselines) == jnp.ndim(images) and jnp.shape(baselines)[0] == batch:
             per_image["baselines"] = baselines
+        if references is not None and jnp.ndim(references) == jnp.ndim(images) + 1:
+            per_image["references"] = references
 
         def run(m, x, t, *arrays):  # each device's slice of the per-image arrays replaces the whole
-            named = {"key": key, "baselines": baselines, **dict(zip(per_image, arrays))}
+            named = {"key": key, "baselines": baselines, "references": references, **dict(zip(per_image, arrays))}
             return explain(m, x, bound, targets=t, **named)
 
         return data_parallel(run, model, images, targets, per_image=list(per_image.values()), devices=devices)
     predicted, probabilities = _predict(forward, images)
     targets = predicted if targets is None else jnp.broadcast_to(jnp.asarray(targets, jnp.int32), predicted.shape)
-    arrays = {} if baselines is None else {"baselines": baselines}
+    arrays = {name: a for name, a in (("baselines", baselines), ("references", references)) if a is not None}
     attributions, extras = bound.with_extras(model, images, targets, key=key, **arrays)
     maps = upsample(spec.saliency(attributions), images.shape[1:3], spec.upsample)
     target_probabilities = jnp.take_along_axis(probabilities, targets[:, None], axis=-1)[:, 0]

@@ -8,8 +8,9 @@ pieces, each small:
 * quadrature rules (`quadrature`, `nodes_and_weights`): captum's rules with captum's names and
   node values, PAIR saliency's inclusive-mean rule ('pair') and the I-GOS right rule ('igos'),
   computed exactly as each anchor computes them (metrics.md §6);
-* paths: anything with `points(t)` and `tangents(t)` (`Path`); `StraightLine` is IG's, other
-  methods bring their own (Blur IG's blur path, IG2's polyline);
+* paths: anything with `points(t)` and `tangents(t)` (`Path`); `StraightLine` is IG's,
+  `Polyline` (segments through given vertices) IG2's, other methods bring their own (Blur IG's
+  blur path);
 * `integrate`: gradients of a score at the path points, one chunk of nodes at a time
   (`chunked_sum`), so memory follows the chunk size while the step count only adds time.
 
@@ -194,6 +195,41 @@ class StraightLine:
 
     def tangents(self, nodes: Float[Array, " k"] | None = None) -> PyTree[Array]:
         return jax.tree_util.tree_map(lambda start, end: end - start, self.start, self.end)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["vertices"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Polyline:
+    """Straight segments through vertices[0] (baseline side), ..., vertices[n] (the image side):
+    arrays with a leading vertex axis (any rank after it), or pytrees of them. IG2's GradPath read
+    from its counterfactual end back to the explicand is one.
+
+    The parameter is the vertex index: node t = j is vertex j exactly, and its tangent is the
+    displacement of the segment ending there, vertices[j] - vertices[j-1]. Only those integer nodes
+    are defined; `rule()` gives them: integrate(score, polyline, polyline.rule()) is
+
+        Σ_j ∇score(vertices[j]) ⊙ (vertices[j] - vertices[j-1]),   j = 1..n,
+
+    each segment weighted by its actual displacement and its gradient taken at the end nearer the
+    image (the right Riemann sum on the vertices; IG2's Eq. 3)."""
+
+    vertices: PyTree[Array]
+
+    constant_tangent: ClassVar[bool] = False
+
+    def rule(self) -> Quadrature:
+        n = jax.tree_util.tree_leaves(self.vertices)[0].shape[0] - 1
+        if n < 1:
+            raise ValueError("a polyline needs at least two vertices")
+        return Quadrature(np.arange(1, n + 1, dtype=np.float64), np.ones(n))
+
+    def points(self, nodes: Float[Array, " k"]) -> Points:
+        index = nodes.astype(jnp.int32)
+        return jax.tree_util.tree_map(lambda v: v[index], self.vertices)
+
+    def tangents(self, nodes: Float[Array, " k"] | None) -> Points:
+        index = nodes.astype(jnp.int32)
+        return jax.tree_util.tree_map(lambda v: v[index] - v[index - 1], self.vertices)
 
 
 # -------------------------------------------------------------------------------------- engine

@@ -35,6 +35,8 @@ CASES = {
     "igos": ({"iterations": 2, "steps": 2, "mask_size": 4, "l1": 0.0, "l2": 0.0}, {"iterations": 0}),
     "igos_plus": ({"iterations": 2, "steps": 2, "mask_size": 4, "l1": 0.0, "l2": 0.0}, {"btv_sigma": 0.0}),
     "igos_pp": ({"iterations": 2, "steps": 2, "mask_size": 4, "l1": 0.0, "l2": 0.0}, {"optimizer": "adam"}),
+    # no references here: each image descends towards the config's default (black) reference
+    "ig2": ({"steps": 3, "step_size": 16.0}, {"step_size": 0.0}),
 }
 SIZE, BATCH = 32, 3
 

@@ -20,7 +20,7 @@ import threading
 from typing import Iterator, Sequence
 
 from jaxattr.cli import convert, crosscheck, evaluate, explain, models
-from jaxattr.cli._common import CliError, config_flags
+from jaxattr.cli._common import CliError
 from jaxattr.methods import list_methods
 from jaxattr.models import WeightsError
 from jaxattr.run import RunError
@@ -56,14 +56,14 @@ def _unknown_arguments_message(args: argparse.Namespace, unknown: list[str]) -> 
     if args.command == "explain":
         owners = collections.defaultdict(list)
         for method in list_methods():
-            for flag in config_flags(method):
+            for flag in explain.method_flags(method):
                 owners[flag].append(method)
         for arg in unknown:
             flag = arg.split("=", 1)[0]
             if flag in owners:
                 return (
                     f"{args.method} has no option {flag} (an option of {', '.join(owners[flag])}); "
-                    f"options of {args.method}: {', '.join(config_flags(args.method)) or 'none'}"
+                    f"options of {args.method}: {', '.join(explain.method_flags(args.method)) or 'none'}"
                 )
     return f"unrecognized arguments: {' '.join(unknown)}"
 

@@ -20,6 +20,7 @@ from jaxattr.cli._common import (
     add_config_options,
     add_preprocessing_options,
     config_error,
+    config_flags,
     config_overrides,
     fit_memory,
     format_table,
@@ -109,7 +110,37 @@ def add_parser(commands, method: str | None) -> None:
     add_preprocessing_options(ex)
     if method is not None:
         add_config_options(ex, method)
+        add_method_options(ex, method)
     ex.set_defaults(run=run, parser=ex)
+
+
+EXTRA_DEST = "extra:"  # argparse dest prefix of the method's extra-output switches
+
+
+def add_method_options(parser: argparse.ArgumentParser, method: str) -> None:
+    """What `method` takes besides its config (reference images) and the extra pictures it can
+    write (`MethodSpec.extra_outputs`)."""
+    spec = method_spec(method)
+    if not (spec.takes_references or spec.extra_outputs):
+        return
+    group = parser.add_argument_group(f"inputs and outputs of {method}")
+    if spec.takes_references:
+        group.add_argument(
+            "--references",
+            nargs="+",
+            metavar="IMAGES_OR_DIRS",
+            help="reference images (files and/or directories; --recursive applies), preprocessed like the "
+            "inputs with the model's eval transform; the method's options say which each image uses",
+        )
+    for extra in spec.extra_outputs:
+        group.add_argument("--" + extra.flag, dest=EXTRA_DEST + extra.flag, action="store_true", help=extra.help)
+
+
+def method_flags(method: str) -> list[str]:
+    """Every option of `explain` that belongs to `method`: its config's and the ones above."""
+    spec = method_spec(method)
+    extras = ["--" + extra.flag for extra in spec.extra_outputs]
+    return [*config_flags(method), *(["--references"] if spec.takes_references else []), *extras]
 
 
 def outputs(out: Path, name: str) -> tuple[Path, Path]:
@@ -148,7 +179,7 @@ def class_label(index: int, num_classes: int) -> str:
     return imagenet_labels()[index] if num_classes == len(imagenet_labels()) else f"class {index}"
 
 
-def settings(args: argparse.Namespace, method: Method, target: int | None, transform: Preprocessing) -> dict:
+def settings(args: argparse.Namespace, method: Method, target: int | None, transform: Preprocessing, references: list[Path]) -> dict:
     """What the outputs depend on; a resumed run must match the run that wrote them."""
     values = {
         "model": args.model,
@@ -160,16 +191,24 @@ def settings(args: argparse.Namespace, method: Method, target: int | None, trans
         "panel": args.panel,
         "alpha": args.alpha,
     }
-    if method.stochastic:
+    if method.spec.takes_references:  # in this order: a picture's index names its reference
+        values["references"] = [str(p.resolve()) for p in references]
+    if uses_keys(method):
         values["seed"] = args.seed
     return values
 
 
-def explain_batch(model, method: Method, batch: Batch, keys, target) -> list[tuple]:
+def uses_keys(method: Method) -> bool:
+    """Methods that draw random numbers; methods taking references may draw among them."""
+    return method.stochastic or method.spec.takes_references
+
+
+def explain_batch(model, method: Method, batch: Batch, keys, target, references=None) -> list[tuple]:
     """(attribution, saliency map, class, probability, {extra output: array}) per real row of the
     batch, as numpy."""
+    arrays = {} if references is None else {"references": references}
     try:
-        result = explain(model, jnp.asarray(batch.inputs), method, targets=target, key=keys)
+        result = explain(model, jnp.asarray(batch.inputs), method, targets=target, key=keys, **arrays)
     except ValueError as e:  # inputs the method cannot take (e.g. a mask larger than the image)
         raise CliError(f"{method.spec.name}: {e}") from None
     n = len(batch.items)
@@ -216,10 +255,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"jaxattr: warning: skipped {error}", file=sys.stderr)
     if not paths and not skipped:
         raise CliError(f"no image files in {', '.join(map(display_path, args.inputs))}")
+    reference_paths, references = _load_references(args, method, transform)
     try:
         names = output_names([*paths, *(e.path for e in skipped)])
         output = OutputDir(
-            args.out, settings(args, method, target, transform), RECORD_FIELDS, finished=EXPLAINED, overwrite=args.overwrite
+            args.out, settings(args, method, target, transform, reference_paths), RECORD_FIELDS, finished=EXPLAINED, overwrite=args.overwrite
         )
         check_no_input_overwritten(args.out, paths, lambda path: outputs(args.out, names[path]))
     except RunError as e:
@@ -239,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(records) - len(skipped)} of {len(paths)} images already have outputs in {display_path(args.out)}; skipping them", file=sys.stderr)
     try:
         if todo:
-            for record in _explain_files(todo, names, args, method, target, transform, output):
+            for record in _explain_files(todo, names, args, method, target, transform, output, references):
                 records[record["output"]] = record
         elif records:
             output.write_summary()
@@ -259,15 +299,39 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _check_on_model(model, method: Method, batch_size: int, size: int, target: int | None) -> None:
+def _check_on_model(model, method: Method, batch_size: int, size: int, target: int | None, references) -> None:
     """Trace the method once on abstract images (nothing runs; the trace is reused): settings this
     model cannot take, such as an unknown --layer, are a usage error before any work."""
-    keys = file_keys(0, [str(i) for i in range(batch_size)]) if method.stochastic else None
+    keys = file_keys(0, [str(i) for i in range(batch_size)]) if uses_keys(method) else None
+    arrays = {} if references is None else {"references": references}
     images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
     try:
-        jax.eval_shape(lambda x: explain(model, x, method, targets=target, key=keys).maps, images)
+        jax.eval_shape(lambda x: explain(model, x, method, targets=target, key=keys, **arrays).maps, images)
     except ValueError as e:
         raise CliError(f"{method.spec.name} on {model.name}: {e}", status=2) from None
+
+
+def _load_references(args: argparse.Namespace, method: Method, transform: Preprocessing) -> tuple[list[Path], np.ndarray | None]:
+    """The --references images, preprocessed with the model's eval transform: (paths, (r, h, w, 3))."""
+    if not method.spec.takes_references:
+        return [], None
+    if not args.references:
+        print(f"{args.method}: no --references given; each image uses the method's default reference", file=sys.stderr)
+        return [], None
+    try:
+        paths = expand_paths(args.references, recursive=args.recursive)
+    except FileNotFoundError as e:
+        raise CliError(f"--references: {e}") from None
+    if not paths:
+        raise CliError(f"--references: no image files in {', '.join(args.references)}")
+    try:
+        images = np.stack([load_image(path, transform) for path in paths])
+    except ImageLoadError as e:
+        raise CliError(f"--references: {e}") from None
+    wanted = getattr(method.config, "num_references", None)
+    fewer = f", fewer than --num-references {wanted}: each image uses every one its rules admit" if wanted and wanted > len(paths) else ""
+    print(f"{args.method}: {len(paths)} reference images{fewer}", file=sys.stderr)
+    return paths, images
 
 
 def _explain_files(
@@ -278,6 +342,7 @@ def _explain_files(
     target: int | None,
     transform: Preprocessing,
     output: OutputDir,
+    references: np.ndarray | None,
 ) -> list[dict]:
     size = transform.size
     model = create_model(args.model, weights=args.weights or "pretrained", image_size=size)
@@ -287,20 +352,27 @@ def _explain_files(
         raise CliError(f"argument --target: {target} is out of range: {args.model} has {num_classes} classes", status=2)
     batch_size = min(args.batch_size, len(todo))
     method = fit_memory(method, model, batch_size, (size, size, 3))
-    _check_on_model(model, method, batch_size, size, target)
+    _check_on_model(model, method, batch_size, size, target, references)
     output.create()
     progress = Progress(len(todo), sys.stderr)
     spec = method.spec
+    pictured = [extra for extra in spec.extra_outputs if getattr(args, EXTRA_DEST + extra.flag, False)]
+    arrays = {} if references is None else {"references": references}
 
     def compute(batch: Batch[Path]) -> list[tuple]:
         keys = None
-        if method.stochastic:  # padded rows repeat the last real row's key
+        if uses_keys(method):  # padded rows repeat the last real row's key
             keys = file_keys(args.seed, [names[p] for p in batch.items])
             keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], batch_size - len(batch.items))])
-        return explain_batch(model, method, batch, keys, target)
+        results = explain_batch(model, method, batch, keys, target, references)
+        pictures = [{} for _ in results]
+        for extra in pictured:  # one dict of pictures per row, merged over the requested extras
+            computed = extra.pictures(model, jnp.asarray(batch.inputs), target, config=method.config, key=keys, **arrays)
+            pictures = [{**mine, **theirs} for mine, theirs in zip(pictures, computed)]
+        return [(*result, extra) for result, extra in zip(results, pictures)]
 
     def save(path: Path, image: np.ndarray, result: tuple) -> dict:
-        attribution, saliency_map, cls, probability, extras = result
+        attribution, saliency_map, cls, probability, extras, pictures = result
         name, cls = names[path], int(cls)
         record = ImageRecord(str(path), name, EXPLAINED, cls, class_label(cls, num_classes), float(probability))
         if np.isfinite(attribution).all() and np.isfinite(saliency_map).all():
@@ -313,6 +385,10 @@ def _explain_files(
             viz.write_atomically(npy, lambda f: np.save(f, attribution))
             picture = viz.panel(image, heat, args.alpha) if args.panel else viz.overlay(image, heat, args.alpha)
             viz.save_png(png, picture)
+            for suffix, extra_picture in pictures.items():
+                extra_picture = np.asarray(extra_picture)
+                rgb = extra_picture if extra_picture.ndim == 3 else np.repeat(extra_picture[..., None], 3, axis=-1)
+                viz.save_png(args.out / f"{name}_{suffix}.png", rgb)
         else:
             record.status, record.message = "non-finite", "NaN or inf in the attribution; outputs not written"
             progress.note(f"skipped {path}: {record.message}")

@@ -8,9 +8,11 @@ from jaxattr.methods import integrated_gradients as integrated_gradients  # noqa
 from jaxattr.methods import guided_ig as guided_ig  # noqa: F401
 from jaxattr.methods import blur_ig as blur_ig  # noqa: F401
 from jaxattr.methods import igos as igos  # noqa: F401
+from jaxattr.methods import ig2 as ig2  # noqa: F401
 from jaxattr.methods._common import path_scores as path_scores
 from jaxattr.methods.base import (
     Attribution as Attribution,
+    ExtraOutput as ExtraOutput,
     Method as Method,
     MethodSpec as MethodSpec,
     list_methods as list_methods,

@@ -52,6 +52,18 @@ class Attribution(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
+class ExtraOutput:
+    """Pictures a method can write next to its maps, for outputs that are images in their own right
+    (IG2's counterfactuals): `jaxattr explain --<flag>` writes each input's as
+    `<output>_<suffix>.png`. `pictures(model, images, targets, *, config, key, **arrays)` (the
+    method's own arguments) returns, per input, {suffix: (h, w, 3) or (h, w) array in [0, 1]}."""
+
+    flag: str  # the explain option that asks for them, e.g. "save-path"
+    help: str
+    pictures: Callable[..., list[dict[str, Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """A registered method: everything the library and the CLI need to know about it."""
 
@@ -66,12 +78,16 @@ class MethodSpec:
     needs_model: bool = False  # needs a jaxattr Model (taps, sites, guided rules), not any forward
     stochastic: bool = False  # always needs a key (`Method.stochastic` adds settings that draw random numbers)
     takes_baselines: bool = False  # accepts baselines= (an array replacing the config's named baseline)
+    # accepts references= (reference images, e.g. IG2's counterfactual pool); `jaxattr explain`
+    # loads them from --references with the model's eval transform
+    takes_references: bool = False
     wraps: bool = False  # its config holds a base method (`base`), e.g. SmoothGrad
     # Outputs besides the attributions: a call with `function`'s arguments returning
     # (attributions, {name: array, batch first}) from the same run, e.g. I-GOS's low-resolution
     # masks; `explain` returns them in Explanation.extras, `jaxattr explain` saves each one as
     # <image>.<name>.npy beside the map. None: the method has none.
     extras: Callable[..., tuple[Array, dict[str, Array]]] | None = None
+    extra_outputs: tuple[ExtraOutput, ...] = ()  # pictures `jaxattr explain` can write besides the maps
 
     def build(self, config: Config | None = None, **overrides: Any) -> "Method":
         """This method bound to `config` (default: the reference's defaults) with `overrides`."""
@@ -159,26 +175,34 @@ def run_compiled(
     *,
     config: Config,
     key: jax.Array | None,
+    per_image: dict[str, Array] | None = None,
     **arrays: Any,
-) -> Array:
+) -> Any:
     """The public boundary every method shares: validate, then run the jit-compiled
-    `compiled(forward, images, targets, key, config, **arrays)`.
+    `compiled(forward, images, targets, key, config, **per_image, **arrays)`.
 
     `key` is one key for the batch (image i draws from fold_in(key, i)) or one typed key per
     image, shape (b,): each image is then computed from its own key alone, so its map does not
-    depend on which batch it came in (the CLI keys images by file name)."""
+    depend on which batch it came in (the CLI keys images by file name). `per_image` holds arrays
+    with a leading batch axis that belong to their image (IG2's references per explicand): with
+    per-image keys each image's call gets its own rows. The result is a pytree with a leading
+    batch axis (attributions, or a method's richer result)."""
     if not isinstance(config, config_class):
         raise TypeError(config_type_message(config_class, config))
     forward = as_forward(model)
     check_call(forward, images, targets, key)
+    per_image = per_image or {}
     if not is_key_batch(key, images.shape[0]):
-        return compiled(forward, images, targets, key, config, **arrays)
-    per_image = {name: a for name, a in arrays.items() if a is not None}
-    if per_image:
-        raise ValueError(f"per-image keys cannot be combined with {', '.join(per_image)}: pass one key")
+        return compiled(forward, images, targets, key, config, **per_image, **arrays)
+    whole = {name: a for name, a in arrays.items() if a is not None}
+    if whole:
+        raise ValueError(f"per-image keys cannot be combined with {', '.join(whole)}: pass one key")
     targets = predicted_classes(forward, images) if targets is None else targets
     targets = jnp.broadcast_to(jnp.asarray(targets, jnp.int32), images.shape[:1])
-    # The result may be any pytree of batch-first arrays (I-GOS returns its masks and trace too).
-    one = lambda x, t, k: jax.tree_util.tree_map(lambda a: a[0], compiled(forward, x[None], t[None], k, config, **arrays))
-    return jax.vmap(one)(images, targets, key)
+
+    def one(x, t, k, rows):
+        single = compiled(forward, x[None], t[None], k, config, **{n: r[None] for n, r in rows.items()}, **arrays)
+        return jax.tree_util.tree_map(lambda leaf: leaf[0], single)
+
+    return jax.vmap(one)(images, targets, key, per_image)
 

@@ -59,9 +59,17 @@ class Classifier(nn.Module):
     inside."""
 
     feature_layer = ""
+    # The stage whose output the final linear classifier reads (IG2's representation layer); ''
+    # for an architecture without one. `classifier_features` is how the classifier reads it.
+    classifier_input = ""
 
     def stages(self) -> Sequence[Stage]:
         raise NotImplementedError
+
+    def classifier_features(self, x: Array) -> Float[Array, "b d"]:
+        """The `classifier_input` stage's output as the final linear layer reads it: flattened per
+        image (a ViT reads only its class token)."""
+        return x.reshape(x.shape[0], -1)
 
     def internal_sites(self) -> Mapping[str, tuple[tuple[str, ...], str]]:
         """Sites inside stages: public name -> (module path, variable name). None by default."""

@@ -82,6 +82,12 @@ class Model:
         return self.module.feature_layer
 
     @property
+    def classifier_input(self) -> str:
+        """The layer whose output the final linear classifier reads (ResNet 'avgpool', a ViT's final
+        norm, of which the classifier reads the class token); '' if the architecture declares none."""
+        return self.module.classifier_input
+
+    @property
     def sites(self) -> tuple[str, ...]:
         """Every intervention site: each stage's output (named as the stage) and the module-internal
         sites (a ViT block's post-softmax attention: '<block>.<attention module>.attention')."""
@@ -180,6 +186,27 @@ class Model:
         layer = self.resolve_layer(layer)
         activation, _ = self.intervene(images, stop=layer)
         return activation, Head(self, layer)
+
+    def representation_layer(self, layer: str | None = None) -> str:
+        """`layer` resolved to a stage name; None: the input of the final linear classifier."""
+        if layer is not None:
+            return self.resolve_layer(layer)
+        if not self.classifier_input:
+            raise ValueError(
+                f"{self.name or 'this model'} declares no final linear classifier to read a representation "
+                f"before; choose a layer by name, one of: {', '.join(self.layers)}"
+            )
+        return self.classifier_input
+
+    def representation(self, images: Float[Array, "b h w 3"], layer: str | None = None) -> Float[Array, "b d"]:
+        """Each image's representation at `layer`, flattened: by default the features the final
+        linear classifier reads (the pooled features of a CNN, the class token of a ViT's final
+        norm). Any other layer gives its whole output. Runs the model only up to that layer."""
+        layer = self.representation_layer(layer)
+        activation, _ = self.intervene(images, stop=layer)
+        if layer == self.classifier_input:
+            activation = self.module.classifier_features(activation)
+        return activation.reshape(activation.shape[0], -1)
 
     def activations(self, images: Float[Array, "b h w 3"]) -> tuple[Array, dict[str, Array]]:
         """(logits, {layer: activation}) for every layer, in one forward pass."""

@@ -107,6 +107,7 @@ class EfficientNetLite(Classifier):
     """timm's (tf_)EfficientNet-Lite: stem conv, BN + ReLU6, the block stages, 1x1 head conv,
     BN + ReLU6, global average pool, Linear classifier."""
     feature_layer = "bn2"
+    classifier_input = "global_pool"
 
     stage_config: Sequence[tuple[str, int, int, int, int, int]] = LITE0_STAGES
     stem_features: int = 32

@@ -97,6 +97,7 @@ def _max_pool(kernel_size: int, nonlinearity: str) -> Callable[[Array], Array]:
 
 class GoogLeNet(Classifier):
     feature_layer = "inception5b"
+    classifier_input = "dropout"
     num_classes: int = 1000
     nonlinearity: str = "standard"
     mean: tuple[float, float, float] = IMAGENET_MEAN

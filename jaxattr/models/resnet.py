@@ -58,6 +58,7 @@ def _shortcut(block: BasicBlock | Bottleneck, x: Array) -> Array:
 
 class ResNet(Classifier):
     feature_layer = "layer4"
+    classifier_input = "avgpool"
     block: str = "bottleneck"  # "basic" or "bottleneck"
     depths: Sequence[int] = (3, 4, 6, 3)
     num_classes: int = 1000

@@ -46,6 +46,7 @@ def flatten_nchw(x: Float[Array, "b h w c"]) -> Float[Array, "b chw"]:
 
 class VGG(Classifier):
     feature_layer = "features"  # its last module, the final max-pool (pytorch-grad-cam's choice)
+    classifier_input = "classifier.5"  # the second dropout (identity at inference), input of classifier.6
     config: Sequence[int | str] = CONFIGS["D"]
     batch_norm: bool = False
     num_classes: int = 1000

@@ -170,6 +170,14 @@ class VisionTransformer(Classifier):
         # the last block's output only the class token reaches the head.
         return self.block_name(self.depth - 2)
 
+    @property
+    def classifier_input(self) -> str:
+        # The final norm's output; the head reads its class token (`classifier_features`).
+        return _NAMES[self.naming].final_norm
+
+    def classifier_features(self, x: Float[Array, "b n d"]) -> Float[Array, "b d"]:
+        return x[:, 0]
+
     def attention_site(self, index: int) -> str:
         """The site of block `index`'s post-softmax attention."""
         return f"{self.block_name(index)}.{_NAMES[self.naming].attention}.{ATTENTION}"
@@ -196,7 +204,7 @@ class VisionTransformer(Classifier):
         stages += [(self.block_name(i), _block_stage(self, i)) for i in range(self.depth)]
         stages += [
             (names.final_norm, lambda x: LayerNorm(1e-6, name=names.final_norm)(x)),
-            (names.head, lambda x: Linear(self.num_classes, name=names.head)(x[:, 0])),
+            (names.head, lambda x: Linear(self.num_classes, name=names.head)(self.classifier_features(x))),
         ]
         return stages
 
