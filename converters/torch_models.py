@@ -36,7 +36,13 @@ def torch_model(name: str, *, seed: int = 0) -> torch.nn.Module:
 
         kwargs = _TORCHVISION_KWARGS.get(name, {})
         model = torchvision.models.get_model(info.torch_name or name, weights=None, **kwargs)
-    generator = torch.Generator().manual_seed(seed + 1)
+    return randomise_constants(model, seed=seed + 1).eval()
+
+
+def randomise_constants(model: torch.nn.Module, *, seed: int = 1) -> torch.nn.Module:
+    """`model` with the parameters a library initialises to constants drawn at random (in place):
+    BatchNorm statistics and affine parameters, and all-zero tensors (see `torch_model`)."""
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -48,7 +54,7 @@ def torch_model(name: str, *, seed: int = 0) -> torch.nn.Module:
         for parameter in model.parameters():
             if not parameter.any():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return model.eval()
+    return model
 
 
 def to_torch(model: Model) -> torch.nn.Module:

@@ -35,6 +35,7 @@ from jaxattr.methods.guided_backprop import (
     guided_backprop as guided_backprop,
 )
 from jaxattr.methods.guided_ig import GuidedIGConfig as GuidedIGConfig, guided_ig as guided_ig
+from jaxattr.methods.iia import IIAConfig as IIAConfig, iia as iia, iia_layer_maps as iia_layer_maps
 from jaxattr.methods.integrated_gradients import (
     GnlIGConfig as GnlIGConfig,
     IntegratedGradientsConfig as IntegratedGradientsConfig,

@@ -36,6 +36,15 @@ def identity(maps: Float[Array, "b h w"]) -> Float[Array, "b h w"]:
     return maps
 
 
+def min_max(maps: Float[Array, "b h w"]) -> Float[Array, "b h w"]:
+    """(m - min) / (max - min) per map: the [0, 1] output of IIA's and Grad-CAM's reference code,
+    which subtracts the minimum and divides by the new maximum. A constant map gives zeros, where
+    the references divide 0 by 0."""
+    low = jnp.min(maps, axis=(-2, -1), keepdims=True)
+    span = jnp.max(maps, axis=(-2, -1), keepdims=True) - low
+    return jnp.where(span > 0, (maps - low) / jnp.where(span > 0, span, 1), 0).astype(maps.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Contrast:
     """How a saliency map is scaled to [0, 1] for display: (m - floor) / (upper - floor), clipped,

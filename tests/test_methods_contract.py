@@ -30,6 +30,7 @@ CASES = {
     "blur_ig": ({"steps": 4, "max_sigma": 4.0}, {"grad_step": 0.0}),
     "guided_backprop": ({}, {"nonlinearity": "standard"}),
     "gradcam": ({}, {"relu": "yes"}),
+    "iia": ({"steps": 2, "layer": "layer3"}, {"steps": 0}),
 }
 SIZE, BATCH = 32, 3
 

@@ -213,10 +213,18 @@ def _explain_files(
     num_classes = jax.eval_shape(model, shape).shape[-1]
     if target is not None and not 0 <= target < num_classes:
         raise CliError(f"--target {target} is out of range: {args.model} has {num_classes} classes")
-    args.out.mkdir(parents=True, exist_ok=True)
     batch_size = min(args.batch_size, len(todo))
-    progress = Progress(len(todo), sys.stderr)
     spec = method.spec
+    # Options this model cannot take (a layer it lacks, a CNN-only mode on a ViT) fail here as one
+    # line, before any image is loaded: a trace of the batch's shapes, no computation.
+    dry_keys = jax.random.split(jax.random.key(args.seed), batch_size) if spec.stochastic else None
+    try:
+        batch = jax.ShapeDtypeStruct((batch_size, *shape.shape[1:]), shape.dtype)
+        jax.eval_shape(lambda x: explain(model, x, method, targets=target, key=dry_keys), batch)
+    except (ValueError, TypeError) as e:
+        raise CliError(f"{args.method} on {args.model}: {e}") from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(len(todo), sys.stderr)
 
     def compute(batch: Batch[Path]) -> list[tuple]:
         keys = None
