@@ -213,7 +213,8 @@ def _vit_cams(
         offsets = _zeros_at(model, before, points, stop=start, normalised=True)
         tokens, trunk_vjp, attention_before = jax.vjp(lambda p: trunk(perturb=p), offsets, has_aux=True)
         _, own = model.intervene(tokens, start=start, stop=block, read=[sites[path]])
-        # All (β, point) pairs as one batch, β-major.
+        # All (β, point) pairs as one batch, β-major; `split` puts β first again.
+        split = lambda a: a.reshape(m, c * b, *a.shape[1:])
         fixed = betas[:, None, None, None, None] * own[sites[path]][None]
         fixed = fixed.reshape(m * c * b, *fixed.shape[2:])
         repeated = jnp.broadcast_to(tokens[None], (m, *tokens.shape)).reshape(m * c * b, *tokens.shape[1:])
@@ -226,15 +227,16 @@ def _vit_cams(
             return select_scores(logits, repeated_targets, config.output).sum(), values
 
         zeros = {s: jnp.zeros_like(fixed) for s in after}
-        (token_grads, grads_after), attention_after = jax.grad(tail, argnums=(0, 1), has_aux=True)(repeated, zeros)
-        grads_before = jax.vmap(lambda g: trunk_vjp(g)[0])(token_grads.reshape(m, c * b, *tokens.shape[1:]))
+        (token_grads, grads_after), attention_after = jax.grad(tail, (0, 1), has_aux=True)(repeated, zeros)
+        # Each β's gradient at the tokens, back through the trunk pass: gradients before the block.
+        grads_before = jax.vmap(lambda g: trunk_vjp(g)[0])(split(token_grads))
 
-        def summed(grads, values):  # (m, c·b, ...) products -> Σ over β and points, (b, ...)
-            cam = jax.nn.relu(grads * values).reshape(m * c, b, *values.shape[-3:])
-            return jnp.sum(cam, axis=0)
+        def summed(grads, values):  # (β, point·image, ...) -> relu(G ⊙ A) summed over β and points
+            cam = jax.nn.relu(grads * values)
+            return jnp.sum(cam.reshape(m * c, b, *cam.shape[2:]), axis=0)
 
         per_site = {s: summed(grads_before[s], attention_before[s][None]) for s in before}
-        per_site |= {s: summed(grads_after[s].reshape(m, c * b, *fixed.shape[1:]), attention_after[s].reshape(m, c * b, *fixed.shape[1:])) for s in after}
+        per_site |= {s: summed(split(grads_after[s]), split(attention_after[s])) for s in after}
         return jnp.stack([per_site[s] for s in sites])
 
     alphas = jnp.asarray(path_nodes(config.steps or VIT_STEPS))
@@ -252,7 +254,9 @@ def rollout(attention: Float[Array, "blocks b heads n n"]) -> Float[Array, "b n"
     return joint[:, 0]
 
 
-def _vit_map(model: Model, x: Array, targets: Array, sites: tuple[str, ...], config: IIAConfig) -> Float[Array, "b g g"]:
+def _vit_map(
+    model: Model, x: Array, targets: Array, sites: tuple[str, ...], config: IIAConfig
+) -> Float[Array, "b g g"]:
     points = (config.steps or VIT_STEPS) + 1
     inner = (config.activation_steps or VIT_STEPS) + 1
     relevance = rollout(_vit_cams(model, x, targets, sites, config) / (points * inner))[:, 1:]
