@@ -7,7 +7,7 @@ Images are NHWC float arrays in [0, 1]; models normalise internally. A method is
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from jaxattr import maps as maps, viz as viz
+from jaxattr import maps as maps, metrics as metrics, viz as viz
 from jaxattr.blur import gaussian_blur as gaussian_blur
 from jaxattr.config import ConfigError as ConfigError
 from jaxattr.data import imagenet_labels as imagenet_labels

@@ -165,10 +165,10 @@ def test_registered_and_explainable(rng):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(steps=0), "steps must be a positive int"),
+        (dict(steps=0), "steps must be an integer >= 1"),
         (dict(max_sigma=-1.0), "max_sigma must be a finite number"),
         (dict(grad_step=0.0), "grad_step must be a finite number > 0"),
-        (dict(chunk=0), "chunk must be a positive int"),
+        (dict(chunk=0), "chunk must be None or an integer >= 1"),
         (dict(output="softmax"), "unknown output"),
     ],
 )

@@ -50,7 +50,15 @@ def _check(method, twin, images, targets=TARGETS, **options):
 
 @pytest.mark.parametrize("rule", RULES)
 def test_integrated_gradients_vs_captum(twin, images, rule):
-    _check("integrated_gradients", twin, images, config=IntegratedGradientsConfig(steps=16, rule=rule))
+    # float64 from a random baseline: rules that evaluate a constant baseline tie every max-pool
+    # window exactly, and in float64 the CPU's convolution rounding then decides which entry takes the
+    # gradient (see converters.references.integrated_gradients). float32 from captum's black default:
+    # there the same ties resolve alike, while random float32 path points put many units near their
+    # kinks (measured: 6.6 % of entries beyond 1e-5 on an AMD EPYC).
+    dtype = twin[0]
+    baseline = "uniform" if dtype == "float64" else "black"
+    config = IntegratedGradientsConfig(steps=16, rule=rule, baseline=baseline)
+    _check("integrated_gradients", twin, images, config=config, key=jax.random.key(0))
 
 
 def test_captum_defaults(images):
@@ -97,8 +105,11 @@ def test_pair_integrated_gradients_vs_saliency(twin, images):
     with crosscheck.precision(dtype) as np_dtype:
         m, x = model.astype(np_dtype), images.astype(np_dtype)
         t = torch_model.to(torch.float64 if dtype == "float64" else torch.float32)
+        baselines = np.random.RandomState(1).rand(*x.shape).astype(np_dtype)  # not a constant image: no exact ties
         for batch_size in (1, 3):  # 3 does not divide the 10 steps: a smaller last batch, as in PAIR
-            ours, theirs = refs.integrated_gradients_vs_pair(m, t, x, TARGETS, steps=10, batch_size=batch_size)
+            ours, theirs = refs.integrated_gradients_vs_pair(
+                m, t, x, TARGETS, steps=10, batch_size=batch_size, baselines=baselines
+            )
             if dtype == "float64":  # per-batch sums into a float32 buffer, then x (x - x') / n
                 np.testing.assert_array_equal(ours, theirs)
             else:
@@ -161,7 +172,7 @@ def test_gnl_ig_defaults_and_heatmap(images):
     result = explain(model, x, "gnl_ig", steps=8)
     h = np.asarray(result.maps)
     # GNL's map, unclipped: |sum_c a| (GNL divides it by its maximum, a display choice).
-    np.testing.assert_allclose(h, np.abs(np.asarray(result.attributions).sum(-1)), rtol=1e-6)
+    np.testing.assert_allclose(h, np.abs(np.asarray(result.attributions).sum(-1)), rtol=0, atol=1e-6 * h.max())
     # Guided gradients differ from plain ones: GNL-IG is not IG.
     assert crosscheck.max_rel_diff(result.attributions, integrated_gradients(model, x, result.targets, config=IntegratedGradientsConfig(steps=8, baseline="mean"))) > 1e-2
 

@@ -42,7 +42,39 @@ def _check(method, twin, images, **options):
 @pytest.mark.parametrize("kind", ["smoothgrad", "smoothgrad_sq", "vargrad"])
 def test_noise_tunnel_saliency_vs_captum(twin, images, kind):
     # 5 samples in chunks of 2: captum's nt_samples_batch_size partitions, the last one smaller.
-    _check("smoothgrad", twin, images, config=SmoothGradConfig(kind=kind, samples=5, chunk=2))
+    config = SmoothGradConfig(kind=kind, samples=5, chunk=2)
+    if twin[0] == "float64":
+        _check("smoothgrad", twin, images, config=config)
+        return
+    # float32 on a kink-free model: on a ReLU / max-pool network some noisy sample puts a unit within
+    # float32 rounding of its kink, where torch's and XLA's convolutions (which round differently,
+    # and differently on different CPUs) take opposite sides; at 32 px a flipped unit in the last
+    # stage moves the whole map (measured on an AMD EPYC: 1 of 5 samples, 37 % of entries beyond
+    # 1e-5). float32 arithmetic and the noise bookkeeping are what this compares.
+    forward, torch_model = _smooth_pair(images.shape[1])
+    x = images.astype(np.float32)
+    ours, theirs = refs.smoothgrad_vs_captum(forward, torch_model, x, TARGETS, config=config)
+    # VarGrad is E[a^2] - E[a]^2: float32 rounding is relative to the terms that cancel.
+    scale = config.replace(kind="smoothgrad_sq") if kind == "vargrad" else config
+    reference_scale = np.abs(refs.smoothgrad_vs_captum(forward, torch_model, x, TARGETS, config=scale)[1]).max()
+    assert np.abs(ours - theirs).max() <= 1e-5 * reference_scale
+
+
+def _smooth_pair(size: int, classes: int = 10):
+    """The same smooth classifier (linear, tanh, linear on NHWC-flattened pixels) in JAX and torch."""
+    rng = np.random.RandomState(7)
+    w1 = (rng.randn(size * size * 3, 16) / np.sqrt(size * size * 3)).astype(np.float32)
+    w2 = rng.randn(16, classes).astype(np.float32)
+    forward = jax.tree_util.Partial(
+        lambda w, x: jnp.tanh(x.reshape(x.shape[0], -1) @ w[0]) @ w[1], (jnp.asarray(w1), jnp.asarray(w2))
+    )
+
+    class Smooth(torch.nn.Module):
+        def forward(self, x):  # NCHW in, flattened in NHWC order as on the JAX side
+            flat = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+            return torch.tanh(flat @ torch.from_numpy(w1)) @ torch.from_numpy(w2)
+
+    return forward, Smooth()
 
 
 def test_noise_tunnel_integrated_gradients_vs_captum(images):

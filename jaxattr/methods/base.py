@@ -70,6 +70,10 @@ def make_config(spec: MethodSpec, config: Config | None = None, **overrides: Any
     config = spec.config() if config is None else config
     if not isinstance(config, spec.config):
         raise TypeError(f"{spec.name} takes a {spec.config.__name__}, got {type(config).__name__}")
+    options = [f.name for f in dataclasses.fields(config)]
+    unknown = sorted(set(overrides) - set(options))
+    if unknown:
+        raise ConfigError(unknown[0], f"{spec.name} has no option {', '.join(unknown)}; options: {', '.join(options)}")
     return config.replace(**overrides) if overrides else config
 
 
