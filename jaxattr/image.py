@@ -294,34 +294,6 @@ def load_image(
         raise ImageLoadError(path, str(e)) from None
 
 
-def load_resized(
-    path: str | os.PathLike, size: int | tuple[int, int], interpolation: str = "bilinear"
-) -> Float[np.ndarray, "h w 3"]:
-    """The image at `path` resized to `size` (an int: square; or (height, width)) without keeping
-    its aspect ratio and without cropping: torchvision's `Resize((h, w))` on a PIL image, as IIA's
-    segmentation protocol loads its images (iia.md §4.1). float32 RGB in [0, 1]."""
-    height, width = (size, size) if isinstance(size, int) else size
-    if interpolation not in _FILTERS:
-        raise ValueError(f"unknown interpolation {interpolation!r}; expected one of {', '.join(_FILTERS)}")
-    image = open_image(path)
-    try:
-        return to_array(to_rgb(image).resize((width, height), _FILTERS[interpolation]))
-    except ValueError as e:
-        raise ImageLoadError(path, str(e)) from None
-
-
-def load_mask(path: str | os.PathLike, size: int | tuple[int, int] | None = None) -> np.ndarray:
-    """A segmentation mask file as its stored values, (h, w): grey values, palette indices (VOC's
-    class ids and its 255 boundary) or booleans (1-bit files); an RGB(A) file gives its channels
-    (h, w, c) for the caller to check. Resized to `size` with nearest-neighbour sampling, as the
-    IIA protocol resizes masks (torchvision `Resize(..., NEAREST)`): no new values appear."""
-    image = open_image(path)
-    if size is not None:
-        height, width = (size, size) if isinstance(size, int) else size
-        image = image.resize((width, height), Image.Resampling.NEAREST)
-    return np.asarray(image)
-
-
 def load_batch(
     paths: Sequence[str | os.PathLike],
     info: ModelInfo,

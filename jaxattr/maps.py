@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -37,12 +38,17 @@ def identity(maps: Float[Array, "b h w"]) -> Float[Array, "b h w"]:
 
 
 def min_max(maps: Float[Array, "b h w"]) -> Float[Array, "b h w"]:
-    """(m - min) / (max - min) per map: the [0, 1] output of IIA's and Grad-CAM's reference code,
-    which subtracts the minimum and divides by the new maximum. A constant map gives zeros, where
-    the references divide 0 by 0."""
-    low = jnp.min(maps, axis=(-2, -1), keepdims=True)
-    span = jnp.max(maps, axis=(-2, -1), keepdims=True) - low
-    return jnp.where(span > 0, (maps - low) / jnp.where(span > 0, span, 1), 0).astype(maps.dtype)
+    """Each map scaled to [0, 1] by (m - min) / (max - min) with a true division per pixel, as the
+    references compute it (IIA's and Grad-CAM's output maps, the segmentation and perturbation
+    metrics' inputs); a constant map gives zeros, where the references divide 0 by 0. XLA would
+    otherwise rewrite the division by a broadcast scalar as a multiplication by its reciprocal,
+    off by an ulp on some pixels, which splits or merges ties that rank-based scores (average
+    precision) count."""
+    lo = jnp.min(maps, axis=(-2, -1), keepdims=True)
+    span = jnp.max(maps, axis=(-2, -1), keepdims=True) - lo
+    varies = span > 0
+    divisor = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.where(varies, span, 1), maps.shape))
+    return jnp.where(varies, (maps - lo) / divisor, 0)
 
 
 @dataclasses.dataclass(frozen=True)
