@@ -243,7 +243,10 @@ def test_config_fields_become_options(images, tmp_path, weights, probe_method):
         "x",
     ]
     assert _explain([images / "rgb.png"], tmp_path / "out", weights, "--method", "probe", *options) == 0
-    ((config, key),) = probe_method
+    # Two calls: explain traces the method on the batch's shapes (options checked before any image
+    # is loaded), then runs it; both with the same config.
+    (config, key), (run_config, run_key) = probe_method
+    assert (run_config, run_key) == (config, key)
     assert config == ProbeConfig(
         steps=8, rule="right", scale=0.5, normalise=False, sigmas=(1.0, 2.5), layer="x"
     )
