@@ -39,9 +39,9 @@ def torch_model(name: str, *, seed: int = 0) -> torch.nn.Module:
     return randomise_constants(model, seed=seed + 1).eval()
 
 
-def randomise_constants(model: torch.nn.Module, *, seed: int) -> torch.nn.Module:
-    """`model` with the parameters its library initialises to constants drawn at random (see
-    `torch_model`), in place."""
+def randomise_constants(model: torch.nn.Module, *, seed: int = 1) -> torch.nn.Module:
+    """`model` with the parameters a library initialises to constants drawn at random (in place):
+    BatchNorm statistics and affine parameters, and all-zero tensors (see `torch_model`)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():

@@ -53,6 +53,7 @@ from jaxattr.methods.ig2 import (
     ig2_result as ig2_result,
     select_references as select_references,
 )
+from jaxattr.methods.iia import IIAConfig as IIAConfig, iia as iia, iia_layer_maps as iia_layer_maps
 from jaxattr.methods.integrated_gradients import (
     GnlIGConfig as GnlIGConfig,
     IntegratedGradientsConfig as IntegratedGradientsConfig,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -34,6 +35,20 @@ def channel_sum(attributions: Float[Array, "b h w c"]) -> Float[Array, "b h w"]:
 def identity(maps: Float[Array, "b h w"]) -> Float[Array, "b h w"]:
     """For methods whose attributions already are a map (Grad-CAM)."""
     return maps
+
+
+def min_max(maps: Float[Array, "b h w"]) -> Float[Array, "b h w"]:
+    """Each map scaled to [0, 1] by (m - min) / (max - min) with a true division per pixel, as the
+    references compute it (IIA's and Grad-CAM's output maps, the segmentation and perturbation
+    metrics' inputs); a constant map gives zeros, where the references divide 0 by 0. XLA would
+    otherwise rewrite the division by a broadcast scalar as a multiplication by its reciprocal,
+    off by an ulp on some pixels, which splits or merges ties that rank-based scores (average
+    precision) count."""
+    lo = jnp.min(maps, axis=(-2, -1), keepdims=True)
+    span = jnp.max(maps, axis=(-2, -1), keepdims=True) - lo
+    varies = span > 0
+    divisor = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.where(varies, span, 1), maps.shape))
+    return jnp.where(varies, (maps - lo) / divisor, 0)
 
 
 @dataclasses.dataclass(frozen=True)

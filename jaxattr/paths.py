@@ -276,6 +276,28 @@ def chunked_sum(fn: Callable[[Any], Any], xs: Any, init: Any = None, *, chunk: i
     return total
 
 
+def chunked_map(fn: Callable[[Any], Any], xs: Any, *, chunk: int | None = None) -> Any:
+    """fn over `xs` a chunk at a time: `xs` (a pytree) is split along its leading axis into chunks
+    of `chunk` (None: one chunk); fn maps a chunk to results with the same leading axis, which are
+    joined in order. The counterpart of `chunked_sum` for results that are kept (e.g. a model's
+    activations at every path point): a loop over the full chunks, the remainder as one smaller
+    chunk, and no loop at all for a single chunk."""
+    check_chunk(chunk)
+    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    size = n if chunk is None else min(int(chunk), n)
+    full, rest = divmod(n, size)
+    take = lambda lo, hi: jax.tree_util.tree_map(lambda x: x[lo:hi], xs)
+    if full == 1:
+        head = fn(take(0, size))
+    else:
+        split = jax.tree_util.tree_map(lambda x: x[: full * size].reshape(full, size, *x.shape[1:]), xs)
+        stacked = jax.lax.map(fn, split)
+        head = jax.tree_util.tree_map(lambda y: y.reshape(full * size, *y.shape[2:]), stacked)
+    if not rest:
+        return head
+    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), head, fn(take(full * size, n)))
+
+
 def integrate(
     score: Callable[[Points], Array],
     path: Path,

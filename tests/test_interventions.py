@@ -65,8 +65,27 @@ def test_a_perturbation_shifts_the_site(model, images):
     np.testing.assert_allclose(logits, head(activation + offset), rtol=1e-6, atol=1e-6)
 
 
+def test_a_run_can_start_at_a_stage_output(model, images):
+    """start=layer runs the stages after it on a given activation, with interventions there."""
+    activation, head = model.tap(images, "layer2")
+    logits, values = model.intervene(activation, start="layer2", read=["layer3", "layer4"])
+    np.testing.assert_array_equal(logits, head(activation))
+    full, full_values = model.intervene(images, read=["layer3", "layer4"])
+    np.testing.assert_allclose(logits, full, rtol=1e-6, atol=1e-6)
+    for layer in ("layer3.1", "layer4.1"):
+        np.testing.assert_allclose(values[layer], full_values[layer], rtol=1e-6, atol=1e-6)
+    layer3, _ = model.intervene(activation, start="layer2", stop="layer3")
+    np.testing.assert_array_equal(layer3, values["layer3.1"])
+    replaced, _ = model.intervene(activation, start="layer2", replace={"layer3": 0.5 * layer3})
+    np.testing.assert_array_equal(replaced, model.intervene(images, replace={"layer3": 0.5 * layer3})[0])
+
+
 def test_normalisation_is_exposed_and_exact(model, images):
     np.testing.assert_array_equal(model.from_normalised(model.normalise(images)), model(images))
+    normalised = model.normalise(images)
+    np.testing.assert_array_equal(model.intervene(normalised, normalised=True)[0], model(images))
+    activation, head = model.tap(normalised, "layer3", normalised=True)
+    np.testing.assert_array_equal(activation, model.tap(images, "layer3")[0])
     assert model.mean == (0.485, 0.456, 0.406)
     np.testing.assert_allclose(model.normalise(jnp.broadcast_to(jnp.asarray(model.mean), (1, 2, 2, 3))), 0, atol=1e-7)
 
@@ -76,7 +95,9 @@ def test_bad_sites_are_explained(model, images):
         model.intervene(images, read=["layer9"])
     with pytest.raises(ValueError, match=r"must have its shape \(2, 1, 1, 512\)"):
         model.intervene(images, replace={"layer4": jnp.zeros((2, 2, 2, 512))})
-    with pytest.raises(ValueError, match="not reached before stop='layer2.1'"):
+    with pytest.raises(ValueError, match="not reached between start=None and stop='layer2.1'"):
         model.intervene(images, read=["layer4"], stop="layer2")
+    with pytest.raises(ValueError, match="not reached between start='layer3.1' and stop=None"):
+        model.intervene(model.tap(images, "layer3")[0], read=["layer2"], start="layer3")
     with pytest.raises(TypeError, match="pass a jaxattr Model"):
         site_gradients(jax.tree_util.Partial(lambda x: x), images, 0, ["layer4"])

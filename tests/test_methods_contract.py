@@ -37,6 +37,7 @@ CASES = {
     "igos_pp": ({"iterations": 2, "steps": 2, "mask_size": 4, "l1": 0.0, "l2": 0.0}, {"optimizer": "adam"}),
     # no references here: each image descends towards the config's default (black) reference
     "ig2": ({"steps": 3, "step_size": 16.0}, {"step_size": 0.0}),
+    "iia": ({"steps": 2, "layer": "layer3"}, {"steps": 0}),
 }
 SIZE, BATCH = 32, 3
 

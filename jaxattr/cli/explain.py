@@ -307,7 +307,7 @@ def _check_on_model(model, method: Method, batch_size: int, size: int, target: i
     images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
     try:
         jax.eval_shape(lambda x: explain(model, x, method, targets=target, key=keys, **arrays).maps, images)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise CliError(f"{method.spec.name} on {model.name}: {e}", status=2) from None
 
 

@@ -9,6 +9,7 @@ from jaxattr.methods import guided_ig as guided_ig  # noqa: F401
 from jaxattr.methods import blur_ig as blur_ig  # noqa: F401
 from jaxattr.methods import igos as igos  # noqa: F401
 from jaxattr.methods import ig2 as ig2  # noqa: F401
+from jaxattr.methods import iia as iia  # noqa: F401
 from jaxattr.methods._common import path_scores as path_scores
 from jaxattr.methods.base import (
     Attribution as Attribution,

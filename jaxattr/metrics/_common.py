@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxattr.maps import min_max as min_max  # re-exported for the metrics
 from jaxattr.methods._common import Forward, as_forward, check_inputs
 from jaxattr.models import Model
 from jaxattr.resize import resize
@@ -99,18 +100,6 @@ def invalid_to_nan(valid: Bool[Array, " b"], tree: Any) -> Any:
 def safe_ratio(num: Array, den: Array) -> Array:
     """num / den where den > 0, else 0 (no 0/0 NaN)."""
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), jnp.zeros_like(num))
-
-
-def min_max(maps: Float[Array, "b h w"]) -> Float[Array, "b h w"]:
-    """Each map scaled to [0, 1] by (m - min) / (max - min) with a true division per pixel, as the
-    references compute it (a constant map gives 0). XLA would otherwise rewrite the division by a
-    broadcast scalar as a multiplication by its reciprocal, off by an ulp on some pixels, which
-    splits or merges ties that rank-based scores (average precision) count."""
-    lo = jnp.min(maps, axis=(1, 2), keepdims=True)
-    span = jnp.max(maps, axis=(1, 2), keepdims=True) - lo
-    varies = span > 0
-    divisor = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.where(varies, span, 1), maps.shape))
-    return jnp.where(varies, (maps - lo) / divisor, 0)
 
 
 # ------------------------------------------------------------------------------------ pixel order

@@ -114,38 +114,52 @@ class Model:
         replace: Mapping[str, Array] | None = None,
         perturb: Mapping[str, Array] | None = None,
         read: Sequence[str] = (),
+        start: str | None = None,
         stop: str | None = None,
+        normalised: bool = False,
     ) -> tuple[Array, dict[str, Array]]:
         """Run the model with interventions at named sites; several sites per call.
 
         replace: {site: value} puts a constant in the site's place (nothing flows back through it);
         perturb: {site: offset} adds an offset (zeros, differentiated, give the gradient at the site);
         read: sites whose values (after the interventions) are returned.
+        start: `images` is the output of this stage (a tap's activation), and only the stages after
+          it run (default: `images` are images and every stage runs).
         stop: the last stage to run (default: to the logits).
+        normalised: `images` are already in the model's normalised space (`normalise`), as for
+          `from_normalised`: paths built there keep the references' float32 arithmetic.
         Returns (output of the last stage run, {site: value} for `read`)."""
-        check_images(images)
+        if start is None:
+            check_images(images)
+        else:
+            start = self.resolve_layer(start)
+        stop = None if stop is None else self.resolve_layer(stop)
         replace = {self.resolve_site(s): v for s, v in (replace or {}).items()}
         perturb = {self.resolve_site(s): v for s, v in (perturb or {}).items()}
         read = [self.resolve_site(s) for s in read]
         if replace or perturb:
-            self._check_site_shapes(images, {**replace, **perturb}, stop)
+            self._check_site_shapes(images, {**replace, **perturb}, start, stop, normalised)
         variables = {"params": self.params}
         if replace:
             variables[REPLACE] = self._site_tree(replace)
         if perturb:
             variables[PERTURB] = self._site_tree(perturb)
-        stop = None if stop is None else self.resolve_layer(stop)
+        run = dict(start=start, stop=stop, normalised=normalised)
         if not read:
-            return self.module.apply(variables, images, stop=stop), {}
-        output, state = self.module.apply(variables, images, stop=stop, mutable=[READ])
+            return self.module.apply(variables, images, **run), {}
+        output, state = self.module.apply(variables, images, **run, mutable=[READ])
         recorded = self._site_values(state[READ])
         missing = [s for s in read if s not in recorded]
         if missing:
-            raise ValueError(f"sites {', '.join(missing)} are not reached before stop={stop!r}")
+            raise ValueError(f"sites {', '.join(missing)} are not reached between start={start!r} and stop={stop!r}")
         return output, {s: recorded[s] for s in read}
 
-    def _check_site_shapes(self, images: Array, values: Mapping[str, Array], stop: str | None) -> None:
-        _, expected = jax.eval_shape(lambda x: self.intervene(x, read=list(values), stop=stop), images)
+    def _check_site_shapes(
+        self, images: Array, values: Mapping[str, Array], start: str | None, stop: str | None, normalised: bool
+    ) -> None:
+        _, expected = jax.eval_shape(
+            lambda x: self.intervene(x, read=list(values), start=start, stop=stop, normalised=normalised), images
+        )
         for name, value in values.items():
             if tuple(jnp.shape(value)) != tuple(expected[name].shape):
                 raise ValueError(
@@ -179,12 +193,13 @@ class Model:
                 values[site] = node
         return values
 
-    def tap(self, images: Float[Array, "b h w 3"], layer: str) -> tuple[Array, "Head"]:
-        """The activation at `layer` and the head mapping it to the logits.
+    def tap(self, images: Float[Array, "b h w 3"], layer: str, *, normalised: bool = False) -> tuple[Array, "Head"]:
+        """The activation at `layer` and the head mapping it to the logits (`normalised` as in
+        `intervene`).
 
         head(activation) reproduces model(images) exactly: both run the same stages."""
         layer = self.resolve_layer(layer)
-        activation, _ = self.intervene(images, stop=layer)
+        activation, _ = self.intervene(images, stop=layer, normalised=normalised)
         return activation, Head(self, layer)
 
     def representation_layer(self, layer: str | None = None) -> str:
