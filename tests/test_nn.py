@@ -156,42 +156,76 @@ def _pools(pool_spec):
     )
 
 
-def _pool_input(rng, pool_spec):
+# Inputs for the pool parity tests: continuous values (no ties in a window); small integers
+# (many tied maxima, torch's first-maximum rule decides); a constant (every window tied); and
+# NaN and -inf among small integers (windows whose only input cells are -inf, and NaN maxima).
+POOL_INPUTS = ["continuous", "ties", "constant", "non-finite"]
+
+
+def _pool_input(rng, pool_spec, kind="continuous"):
     h, w = pool_spec[0]
-    return rng.randn(2, h, w, 3).astype(np.float32)  # continuous: no ties in a window
+    shape = (2, h, w, 3)
+    if kind == "continuous":
+        return rng.randn(*shape).astype(np.float32)
+    if kind == "constant":
+        return np.full(shape, 0.5, np.float32)
+    x = rng.randint(-1, 2, shape).astype(np.float32)
+    if kind == "non-finite":
+        x[rng.rand(*shape) < 0.5] = -np.inf
+        x[rng.rand(*shape) < 0.1] = np.nan
+    return x
 
 
+@pytest.mark.parametrize("kind", POOL_INPUTS)
 @pytest.mark.parametrize("pool_spec", POOLS, ids=POOL_IDS)
-def test_max_pool2d_forward_matches_torch(rng, pool_spec):
+def test_max_pool2d_forward_matches_torch(rng, pool_spec, kind):
     pool, torch_pool = _pools(pool_spec)
-    x = _pool_input(rng, pool_spec)
+    x = _pool_input(rng, pool_spec, kind)
     expected = _torch_nhwc(torch_pool, x)
     got = np.asarray(pool("standard")(x))
     assert got.shape == expected.shape
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("kind", POOL_INPUTS)
 @pytest.mark.parametrize("pool_spec", POOLS, ids=POOL_IDS)
-def test_max_pool2d_standard_vjp_matches_torch_autograd(rng, pool_spec):
+def test_max_pool2d_standard_vjp_is_torchs_bit_for_bit(rng, pool_spec, kind):
+    # Bit-identical: the same winner per window (ties, -inf-only windows, NaN), and overlapping
+    # windows' gradients summed in torch's order.
     pool, torch_pool = _pools(pool_spec)
-    x = _pool_input(rng, pool_spec)
+    x = _pool_input(rng, pool_spec, kind)
     g = rng.randn(*pool("standard")(x).shape).astype(np.float32)
     expected = _torch_vjp(torch_pool, x, g)
-    np.testing.assert_allclose(_vjp(pool("standard"), x, g), expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(_vjp(pool("standard"), x, g), expected)
     # "guided_relu" guides ReLUs only; its max-pool is the ordinary one.
-    np.testing.assert_allclose(_vjp(pool("guided_relu"), x, g), expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(_vjp(pool("guided_relu"), x, g), expected)
 
 
+@pytest.mark.parametrize("kind", POOL_INPUTS)
 @pytest.mark.parametrize("pool_spec", POOLS, ids=POOL_IDS)
-def test_max_pool2d_gnl_vjp_matches_torch_rule(rng, pool_spec):
+def test_max_pool2d_gnl_vjp_is_the_torch_rules_bit_for_bit(rng, pool_spec, kind):
     pool, torch_pool = _pools(pool_spec)
-    x = _pool_input(rng, pool_spec)
+    x = _pool_input(rng, pool_spec, kind)
     g = rng.randn(*pool("standard")(x).shape).astype(np.float32)
     with guided(torch_pool, mode="guided"):
         expected = _torch_vjp(torch_pool, x, g)
     got = _vjp(pool("guided"), x, g)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
-    assert not np.allclose(got, _vjp(pool("standard"), x, g))  # the rule did something
+    np.testing.assert_array_equal(got, expected)
+    if kind == "continuous":
+        assert not np.array_equal(got, _vjp(pool("standard"), x, g))  # the rule did something
+
+
+def test_max_pool2d_gradient_of_overlapping_windows_sums_in_torchs_order():
+    # A k3 s1 pool over [1, 1, 5, 1, 1]: column 2 wins all three windows, so its gradient is
+    # g0 + g1 + g2, added in that order by torch. In float32, (1 + 1e8) - 1e8 = 0, while the
+    # reverse order gives (-1e8 + 1e8) + 1 = 1.
+    x = np.array([1.0, 1.0, 5.0, 1.0, 1.0], np.float32).reshape(1, 1, 5, 1)
+    g = np.array([1.0, 1e8, -1e8], np.float32).reshape(1, 1, 3, 1)
+    torch_pool = torch.nn.MaxPool2d((1, 3), 1)
+    expected = _torch_vjp(torch_pool, x, g)
+    got = _vjp(lambda v: nn.max_pool2d(v, (1, 3), 1), x, g)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got.ravel(), [0.0, 0.0, 0.0, 0.0, 0.0])
 
 
 @pytest.mark.parametrize(
@@ -306,8 +340,10 @@ def test_unknown_nonlinearity_is_an_error():
             pass
 
 
-def test_max_pool2d_rejects_an_input_too_small_for_its_window():
+def test_max_pool2d_rejects_inputs_too_small_and_windows_too_large():
     with pytest.raises(RuntimeError, match="too small"):
         F.max_pool2d(torch.ones(1, 2, 1, 1), 2, 2)
     with pytest.raises(ValueError, match="input size 1 is too small for kernel 2"):
         nn.max_pool2d(jnp.ones((1, 1, 5, 2)), 2, 2)
+    with pytest.raises(ValueError, match="17x16 window has more than 256 cells"):
+        nn.max_pool2d(jnp.ones((1, 20, 20, 2)), (17, 16))
