@@ -1,5 +1,7 @@
 """jaxattr.nn primitives against torch, and the guided backward rules against converters.guided."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +33,13 @@ def _vjp(fn, x, g):
     return np.asarray(pullback(jnp.asarray(g))[0])
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _value_and_vjp(fn, primals, g):
+    """(fn(*primals), the cotangents of `primals` for upstream g), compiled as one program."""
+    y, pullback = jax.vjp(fn, *primals)
+    return y, pullback(g)
+
+
 def _torch_vjp(torch_fn, x, g):
     """d<torch_fn(x), g>/dx for NHWC numpy x and g."""
     xt = to_torch_images(x).requires_grad_()
@@ -44,20 +53,55 @@ def _torch_vjp(torch_fn, x, g):
 @pytest.mark.parametrize(
     "in_channels, out_channels, kernel, stride, padding, groups, bias, size",
     [
-        (3, 8, 7, 2, 3, 1, False, (17, 14)),
+        (3, 8, 7, 2, 3, 1, False, (17, 14)),  # ResNet's stem (on CPU: flipped-kernel backward)
         (8, 8, 3, 1, 1, 1, True, (9, 9)),
-        (8, 16, 3, 2, 1, 1, True, (10, 7)),
+        (8, 16, 3, 2, 1, 1, True, (10, 7)),  # strided: an input-dilated backward
+        (5, 7, 3, 2, 0, 1, True, (8, 9)),  # the last input row and column are in no window
         (8, 8, 3, 2, 1, 8, False, (11, 12)),  # depthwise (on CPU: the shifted-sum form)
         (6, 6, 5, 2, 2, 6, True, (13, 10)),  # depthwise
-        (8, 12, (1, 3), (2, 1), (0, 1), 4, True, (8, 5)),
-        (4, 6, 1, 1, 0, 1, False, (5, 6)),
+        (8, 12, (1, 3), (2, 1), (0, 1), 4, True, (8, 5)),  # grouped
+        (4, 6, 1, 1, 0, 1, False, (5, 6)),  # 1x1 (on CPU: a matrix product)
+        (6, 10, 1, 2, 0, 1, True, (7, 6)),  # strided 1x1 on an odd size: sliced, then a product
+        (4, 6, 1, 1, 1, 1, True, (5, 4)),  # padded 1x1: a convolution
+        (5, 6, (1, 3), (2, 1), (0, 1), 1, False, (9, 5)),
     ],
 )
-def test_conv2d_matches_torch(rng, in_channels, out_channels, kernel, stride, padding, groups, bias, size):
+def test_conv2d_values_and_gradients_match_torch(rng, in_channels, out_channels, kernel, stride, padding, groups, bias, size):
     torch_conv = torch.nn.Conv2d(in_channels, out_channels, kernel, stride, padding, groups=groups, bias=bias)
     x = rng.randn(2, *size, in_channels).astype(np.float32)
-    conv = _flax_twin(nn.Conv2d(out_channels, kernel, stride, padding, groups, use_bias=bias), torch_conv, x)
-    np.testing.assert_allclose(conv(x), _torch_nhwc(torch_conv, x), rtol=0, atol=1e-5)
+    module = nn.Conv2d(out_channels, kernel, stride, padding, groups, use_bias=bias)
+    params = params_from_state_dict(torch_conv.state_dict(), module.init(jax.random.key(0), x)["params"], source="torch layer")
+    xt = to_torch_images(x).requires_grad_()
+    yt = torch_conv(xt)
+    # Input and parameter gradients for a random upstream gradient (the parameters' only by
+    # JAX's own rule, but through the same CPU forms).
+    g = rng.randn(*to_numpy_nhwc(yt).shape).astype(np.float32)
+    y, (dx, dparams) = _value_and_vjp(lambda v, p: module.apply({"params": p}, v), (x, params), g)
+    np.testing.assert_allclose(y, to_numpy_nhwc(yt), rtol=0, atol=1e-5)
+    yt.backward(to_torch_images(g))
+    np.testing.assert_allclose(dx, to_numpy_nhwc(xt.grad), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(dparams["kernel"], torch_conv.weight.grad.numpy().transpose(2, 3, 1, 0), rtol=0, atol=2e-5)
+    if bias:
+        np.testing.assert_allclose(dparams["bias"], torch_conv.bias.grad.numpy(), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("stride, size", [(1, (11, 9)), (2, (11, 9)), (2, (10, 12))])
+def test_conv2d_tf_same_padding_values_and_gradients(rng, stride, size):
+    # TensorFlow SAME: asymmetric padding (the odd cell at the bottom/right), as a reference
+    # the plain convolution on the explicitly padded input.
+    x = rng.randn(2, *size, 4).astype(np.float32)
+    module = nn.Conv2d(6, 3, stride, "tf_same", use_bias=False)
+    params = module.init(jax.random.key(1), x)["params"]
+    pads = [nn.tf_same_padding(n, 3, stride) for n in size]
+    reference = lambda v: jax.lax.conv_general_dilated(
+        jnp.pad(v, ((0, 0), *pads, (0, 0))), params["kernel"], (stride, stride), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    got = lambda v: module.apply({"params": params}, v)
+    expected = reference(x)
+    np.testing.assert_allclose(got(x), expected, rtol=0, atol=1e-5)
+    g = rng.randn(*expected.shape).astype(np.float32)
+    np.testing.assert_allclose(_vjp(got, x, g), _vjp(reference, x, g), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
