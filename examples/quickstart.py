@@ -28,9 +28,12 @@ model = jaxattr.create_model(args.model)
 # One call for the whole batch; stochastic methods (SmoothGrad, ...) draw from the key.
 result = jaxattr.explain(model, images, args.method, key=jax.random.key(0))
 
+# result.maps are the unclipped saliency maps (what metrics rank); display contrast is separate.
+contrast = jaxattr.method_spec(args.method).contrast
 labels = jaxattr.imagenet_labels()
-for path, image, heatmap, target, probability in zip(
-    paths, images, result.heatmaps, result.targets, result.probabilities, strict=True
+for path, image, saliency_map, target, probability in zip(
+    paths, images, result.maps, result.targets, result.probabilities, strict=True
 ):
-    jaxattr.viz.save_png(args.out / f"{path.stem}.png", jaxattr.viz.overlay(image, heatmap))
+    heat = jaxattr.viz.contrast(saliency_map, contrast)
+    jaxattr.viz.save_png(args.out / f"{path.stem}.png", jaxattr.viz.overlay(image, heat))
     print(f"{path.name}: {labels[int(target)]} ({float(probability):.2f}) -> {args.out / path.stem}.png")

@@ -1,15 +1,27 @@
 """jaxattr: saliency maps for image classifiers as jit/vmap-compiled JAX functions.
 
 Images are NHWC float arrays in [0, 1]; models normalise internally. A method is
-`method(model, images, targets=None, *, config=..., key=None)` with a batch axis in and out.
+`method(model, images, targets=None, *, config=..., key=None)` with a batch axis in and out, and
+`jaxattr.method(name, **options)` binds one to its config as a value (an `Attribution`).
 """
 
-from jaxattr import heatmaps as heatmaps, viz as viz
-from jaxattr.data import imagenet_labels as imagenet_labels
-from jaxattr.explain import Explanation as Explanation, explain as explain, method_config as method_config
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from jaxattr import maps as maps, metrics as metrics, viz as viz
 from jaxattr.blur import gaussian_blur as gaussian_blur
+from jaxattr.config import ConfigError as ConfigError
+from jaxattr.data import imagenet_labels as imagenet_labels
+from jaxattr.explanation import Explanation as Explanation, explain as explain, method_config as method_config
 from jaxattr.image import ImageLoadError as ImageLoadError, load_batch as load_batch, load_image as load_image
-from jaxattr.methods import MethodInfo as MethodInfo, list_methods as list_methods, method_info as method_info
+from jaxattr.maps import Contrast as Contrast
+from jaxattr.methods import (
+    Attribution as Attribution,
+    Method as Method,
+    MethodSpec as MethodSpec,
+    list_methods as list_methods,
+    method as method,
+    method_spec as method_spec,
+)
 from jaxattr.methods.blur_ig import BlurIGConfig as BlurIGConfig, blur_ig as blur_ig
 from jaxattr.methods.gradcam import GradCamConfig as GradCamConfig, gradcam as gradcam
 from jaxattr.methods.gradients import (
@@ -40,4 +52,7 @@ from jaxattr.models import (
     model_info as model_info,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = _version("jaxattr")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"

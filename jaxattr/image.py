@@ -16,58 +16,154 @@ resize the shorter side to `ModelInfo.resize_size` with Pillow's bilinear or bic
 centre-crop `image_size`, divide by 255. 8-bit images are resized as 8-bit RGB (bit-identical to
 `Resize + CenterCrop + ToTensor`); high-precision grey images are resized as Pillow float ("F")
 images with the same filters, so they keep their precision.
+
+Files are untrusted input. Only regular files are opened (a FIFO, socket or device is reported,
+never read: reading a FIFO would block). The size is read from the header (Pillow opens lazily)
+and checked before any pixel is decoded: at most `MAX_PIXELS` pixels and `MAX_SIDE` pixels per
+side (module defaults, or `max_pixels=`/`max_side=` per call). Pillow's own bomb check measures
+pixels only, so a 1x40000 strip passes it, and resizing its shorter side to 256 then asks for
+2.6 gigapixels: `preprocess` also refuses a resized image above `MAX_PIXELS`. Data shorter than
+the header claims is an error (Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES` is held False while
+loading), and so are NaN or infinite values in floating-point images. Every failure is an
+`ImageLoadError` whose message is one line naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
+import stat
+import threading
+import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from jaxtyping import Float
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from jaxattr._files import NotARegularFileError, display_path, file_kind, one_line, open_regular_file
 from jaxattr.models.registry import ModelInfo
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
-)
+# 128 Mpx: above every camera sensor up to the 102 Mpx medium-format class, below Pillow's own
+# hard limit (2 x Image.MAX_IMAGE_PIXELS = 179 Mpx); decoded as float32 RGB at full resolution
+# (`load_image` without a model) that is 1.5 GB. Pillow warns (DecompressionBombWarning) above 89 Mpx.
+MAX_PIXELS = 128_000_000
+# 32768 px per side: above any sensor's side (14204 px) and WebP's 16383 limit, half JPEG's 65535;
+# with MAX_PIXELS it bounds the strips whose resize explodes.
+MAX_SIDE = 32_768
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "RGBa", "PA")
 _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 class ImageLoadError(ValueError):
-    """A file that cannot be read as an image: missing, corrupt, or in an unsupported format."""
+    """A file that cannot be read as an image: missing, not a regular file, too large, corrupt,
+    or in an unsupported format. `str()` is one line: the path (undecodable bytes and control
+    characters escaped) and the reason."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
+        self.reason = one_line(reason)
+        super().__init__(f"{display_path(path)}: {self.reason}")
+
+
+class SkippedInputWarning(UserWarning):
+    """expand_paths left out an entry it could not use (its default report)."""
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """File extensions (lower case, with the dot) of every format this Pillow can decode, as
+    directory scans select files: `Image.registered_extensions()` less the formats Pillow only
+    writes (PDF) or only identifies (stubs such as BUFR, GRIB, HDF5, WMF; MPEG video)."""
+    Image.init()
+    decodable = {
+        name
+        for name, (factory, _) in Image.OPEN.items()
+        if name != "MPEG" and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
+    }
+    return frozenset(ext for ext, name in Image.registered_extensions().items() if name in decodable)
 
 
 # ------------------------------------------------------------------------------ decoding
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """The decoded image at `path` with its EXIF orientation applied."""
+def _positive(name: str, value: int | None, default: int) -> int:
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_size(path: Path, size: tuple[int, int], max_pixels: int, max_side: int) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageLoadError(path, f"empty image ({width}x{height} pixels)")
+    if max(width, height) > max_side:
+        raise ImageLoadError(
+            path, f"{width}x{height} pixels: a side exceeds the limit of {max_side} (jaxattr.image.MAX_SIDE)"
+        )
+    if width * height > max_pixels:
+        limit = f"the limit of {max_pixels} pixels (jaxattr.image.MAX_PIXELS)"
+        raise ImageLoadError(path, f"{width}x{height} pixels exceeds {limit}")
+
+
+_TRUNCATION_FLAG = threading.Lock()
+
+
+@contextlib.contextmanager
+def _truncated_images_refused() -> Iterator[None]:
+    """Holds Pillow's global LOAD_TRUNCATED_IMAGES False (if someone set it) while an image loads."""
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        yield
+        return
+    with _TRUNCATION_FLAG:
+        previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _open_reason(path: Path, error: OSError) -> str:
+    if isinstance(error, NotARegularFileError):
+        return f"is {error}; skipped"
+    if isinstance(error, FileNotFoundError):
+        return "dangling symbolic link" if os.path.islink(path) else "no such file"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return error.strerror or str(error)
+
+
+def open_image(
+    path: str | os.PathLike, *, max_pixels: int | None = None, max_side: int | None = None
+) -> Image.Image:
+    """The decoded image at `path` with its EXIF orientation applied.
+
+    Raises ImageLoadError for anything but a regular file holding one complete image within
+    `max_pixels` and `max_side` (defaults MAX_PIXELS and MAX_SIDE), checked before decoding."""
     path = Path(path)
+    max_pixels = _positive("max_pixels", max_pixels, MAX_PIXELS)
+    max_side = _positive("max_side", max_side, MAX_SIDE)
     try:
-        with Image.open(path) as image:
+        file = open_regular_file(path)
+    except OSError as e:
+        raise ImageLoadError(path, _open_reason(path, e)) from None
+    try:
+        with file, _truncated_images_refused(), Image.open(file) as image:
+            _check_size(path, image.size, max_pixels, max_side)  # from the header; nothing decoded yet
             image.load()
+            _check_size(path, image.size, max_pixels, max_side)
             return ImageOps.exif_transpose(image)
-    except FileNotFoundError:
-        raise ImageLoadError(path, "no such file") from None
-    except IsADirectoryError:
-        raise ImageLoadError(path, "is a directory, not an image file") from None
-    except PermissionError:
-        raise ImageLoadError(path, "permission denied") from None
+    except ImageLoadError:
+        raise
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image file Pillow can read (unknown format or corrupt)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageLoadError(path, str(e)) from None
+    except Image.DecompressionBombError as e:  # Pillow's own check ran first, at Image.open
+        raise ImageLoadError(path, f"{e} (Pillow's Image.MAX_IMAGE_PIXELS)") from None
     except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, ...
         raise ImageLoadError(path, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
 
@@ -77,6 +173,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image with values in [0, 1] (see the module docstring for each mode)."""
     if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
         values = np.asarray(image, dtype=np.float32)
+        if image.mode == "F" and not np.isfinite(values).all():
+            raise ValueError(f"{np.count_nonzero(~np.isfinite(values))} pixel values are NaN or infinite")
         if image.mode != "F":
             values = values / 65535
         return Image.fromarray(np.clip(values, 0.0, 1.0).astype(np.float32))
@@ -140,10 +238,22 @@ def eval_sizes(info: ModelInfo, image_size: int | None = None) -> tuple[int, int
 
 
 def preprocess(
-    image: Image.Image, info: ModelInfo, image_size: int | None = None
+    image: Image.Image, info: ModelInfo, image_size: int | None = None, *, max_pixels: int | None = None
 ) -> Float[np.ndarray, "s s 3"]:
-    """The model's eval transform of a decoded image: float32 RGB in [0, 1], `image_size` square."""
+    """The model's eval transform of a decoded image: float32 RGB in [0, 1], `image_size` square.
+
+    Raises ValueError if resizing the shorter side would make an image above `max_pixels`
+    (default MAX_PIXELS): an extreme aspect ratio such as a 1x40000 strip."""
     resize_size, crop_size = eval_sizes(info, image_size)
+    short, long = sorted(image.size)
+    if short < 1:
+        raise ValueError(f"empty image ({image.size[0]}x{image.size[1]} pixels)")
+    resized_pixels = resize_size * int(resize_size * long / short)
+    if resized_pixels > _positive("max_pixels", max_pixels, MAX_PIXELS):
+        raise ValueError(
+            f"aspect ratio {image.size[0]}x{image.size[1]} is too extreme: resizing the shorter side to "
+            f"{resize_size} would make {resized_pixels} pixels (jaxattr.image.MAX_PIXELS)"
+        )
     resized = resize_shorter_side(to_rgb(image), resize_size, info.interpolation)
     return to_array(center_crop(resized, crop_size))
 
@@ -152,45 +262,118 @@ def preprocess(
 
 
 def load_image(
-    path: str | os.PathLike, info: ModelInfo | None = None, image_size: int | None = None
+    path: str | os.PathLike,
+    info: ModelInfo | None = None,
+    image_size: int | None = None,
+    *,
+    max_pixels: int | None = None,
+    max_side: int | None = None,
 ) -> Float[np.ndarray, "h w 3"]:
     """The image at `path` as float32 RGB in [0, 1]: at full resolution, or with `info`
-    preprocessed as that model's eval transform. Raises ImageLoadError naming the file."""
-    image = open_image(path)
+    preprocessed as that model's eval transform. Raises ImageLoadError naming the file (see
+    `open_image` for the limits)."""
+    image = open_image(path, max_pixels=max_pixels, max_side=max_side)
     try:
-        return to_array(to_rgb(image)) if info is None else preprocess(image, info, image_size)
+        if info is None:
+            return to_array(to_rgb(image))
+        return preprocess(image, info, image_size, max_pixels=max_pixels)
     except ValueError as e:
         raise ImageLoadError(path, str(e)) from None
 
 
 def load_batch(
-    paths: Sequence[str | os.PathLike], info: ModelInfo, image_size: int | None = None
+    paths: Sequence[str | os.PathLike],
+    info: ModelInfo,
+    image_size: int | None = None,
+    *,
+    max_pixels: int | None = None,
+    max_side: int | None = None,
 ) -> Float[np.ndarray, "b s s 3"]:
     """Images preprocessed for the model `info` describes, stacked into one NHWC batch."""
     if not paths:
         raise ValueError("load_batch needs at least one image path")
-    return np.stack([load_image(path, info, image_size) for path in paths])
+    return np.stack(
+        [load_image(path, info, image_size, max_pixels=max_pixels, max_side=max_side) for path in paths]
+    )
 
 
-def expand_paths(inputs: Iterable[str | os.PathLike], *, recursive: bool = False) -> list[Path]:
-    """Image files named by `inputs`: files as given, directories expanded to the image files in
-    them (by extension, hidden files skipped, sorted; with `recursive`, also in subdirectories).
+# ------------------------------------------------------------------------ path expansion
+
+
+def _warn(error: ImageLoadError) -> None:
+    warnings.warn(str(error), SkippedInputWarning, stacklevel=4)
+
+
+def _scan(directory: Path, recursive: bool, report: Callable[[ImageLoadError], None]) -> list[Path]:
+    """The image files in `directory` (and, with `recursive`, its subdirectories), sorted.
+
+    Symbolic links to directories are not followed (as in `find` and pathlib's rglob), so a
+    link loop cannot make the scan endless; links to files are followed."""
+    files, pending = [], [directory]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as it:
+                entries = list(it)
+        except OSError as e:
+            report(ImageLoadError(current, f"cannot read directory ({e.strerror or e}); skipped"))
+            continue
+        for entry in entries:
+            path = current / entry.name
+            try:
+                if recursive and entry.is_dir(follow_symlinks=False):
+                    pending.append(path)
+                    continue
+            except OSError:  # vanished or unreadable: the stat below reports it
+                pass
+            if entry.name.startswith(".") or path.suffix.lower() not in image_extensions():
+                continue
+            try:
+                mode = entry.stat().st_mode  # follows a link to the file it names
+            except OSError as e:
+                report(ImageLoadError(path, f"{_open_reason(path, e)}; skipped"))
+                continue
+            if stat.S_ISREG(mode):
+                files.append(path)
+            elif not stat.S_ISDIR(mode):
+                report(ImageLoadError(path, f"is {file_kind(mode)}, not a regular file; skipped"))
+    return sorted(files)
+
+
+def _identity(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a link loop (RuntimeError on Python < 3.13)
+        return path.absolute()
+
+
+def expand_paths(
+    inputs: Iterable[str | os.PathLike],
+    *,
+    recursive: bool = False,
+    on_skip: Callable[[ImageLoadError], None] | None = None,
+) -> list[Path]:
+    """Image files named by `inputs`: files as given (any extension, or none: the loader tries
+    them), directories expanded to the image files in them (by `image_extensions()`, hidden
+    files skipped, sorted; with `recursive`, also in subdirectories).
 
     The order is deterministic (inputs in order, each directory sorted) and a file reached twice
-    is listed once. Raises FileNotFoundError for an input that does not exist."""
+    is listed once. What a scan cannot use -- an unreadable directory; a FIFO, socket or device,
+    a dangling link or a link loop named like an image -- is left out and reported to `on_skip`
+    as an ImageLoadError (default: a SkippedInputWarning each); the scan goes on. Raises
+    FileNotFoundError for an input that does not exist."""
+    report = on_skip or _warn
     found: dict[Path, Path] = {}  # resolved -> as reached, for de-duplication
     for item in map(Path, inputs):
-        if item.is_dir():
-            candidates = item.rglob("*") if recursive else item.iterdir()
-            files = sorted(
-                p
-                for p in candidates
-                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-            )
-        elif item.exists():
-            files = [item]
-        else:
-            raise FileNotFoundError(f"no such file or directory: {item}")
+        try:
+            is_dir = stat.S_ISDIR(os.stat(item).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            if not os.path.islink(item):
+                raise FileNotFoundError(f"no such file or directory: {display_path(item)}") from None
+            is_dir = False  # a dangling link: listed, the loader says so
+        except OSError:  # a link loop, a name too long, no permission: the loader says which
+            is_dir = False
+        files = _scan(item, recursive, report) if is_dir else [item]
         for path in files:
-            found.setdefault(path.resolve(), path)
+            found.setdefault(_identity(path), path)
     return list(found.values())

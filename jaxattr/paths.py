@@ -1,19 +1,22 @@
-"""The one path-integration engine behind every path method (IG, GNL-IG, Blur IG, IG2, ...).
+"""The one path-integration engine behind every path method (IG, GNL-IG, Blur IG, IG2, IIA, ...).
 
     attribution = ( Σ_k w_k · ∇score(p(t_k)) ⊙ p'(t_k) ) / divisor
 
-over the nodes t_k and weights w_k of a quadrature rule, for a path p from a baseline side to the
-image with tangent p'. Three pieces, each small:
+over the nodes t_k and weights w_k of a quadrature rule, for a path p with tangent p'. Three
+pieces, each small:
 
 * quadrature rules (`quadrature`, `nodes_and_weights`): captum's rules with captum's names and
   node values, PAIR saliency's inclusive-mean rule ('pair') and the I-GOS right rule ('igos'),
   computed exactly as each anchor computes them (metrics.md §6);
 * paths: anything with `points(t)` and `tangents(t)` (`Path`); `StraightLine` is IG's, other
   methods bring their own (Blur IG's blur path, IG2's polyline);
-* `integrate`: gradients of the target score at the path points, one chunk of nodes at a time
+* `integrate`: gradients of a score at the path points, one chunk of nodes at a time
   (`chunked_sum`), so memory follows the chunk size while the step count only adds time.
 
-Baselines for straight paths: `baseline_images`.
+The engine knows nothing of images or models: points are arrays of any rank, or pytrees of them
+(pixels (b, h, w, c), tokens (b, n, d), attention (b, heads, n, n), masks (b, s, s)), and the score
+is any function of a batch of points. The methods layer supplies a model's score
+(`jaxattr.methods.path_scores`).
 """
 
 from __future__ import annotations
@@ -25,9 +28,7 @@ from typing import Any, Callable, ClassVar, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
-
-from jaxattr.methods._common import Forward, Output, image_keys, input_gradients, target_scores
+from jaxtyping import Array, Float, PyTree
 
 # ---------------------------------------------------------------------------------- quadrature
 
@@ -141,96 +142,50 @@ def nodes_and_weights(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 # -------------------------------------------------------------------------------------- paths
 
+Points = PyTree[Float[Array, "k ..."]]  # one batch of points per node: a leading node axis
+
 
 class Path(Protocol):
-    """A path through input space, parametrised by the quadrature's node variable t.
+    """A path through any space, parametrised by the quadrature's node variable t.
 
-    `points(t)` and `tangents(t)` map nodes (k,) to (k, b, h, w, c). A path whose tangent is the
-    same at every node sets `constant_tangent` and returns it without node axis, (b, h, w, c): the
-    engine then multiplies the summed gradients by it once (captum's and PAIR's order, and one
-    multiply instead of one per node)."""
+    `points(t)` maps nodes (k,) to points with a leading node axis, e.g. (k, b, h, w, c) for a
+    batch of images, or a pytree of such arrays; `tangents(t)` to the derivatives, same shape. A path
+    whose tangent is the same at every node sets `constant_tangent` and returns it without node
+    axis: the engine then multiplies the summed gradients by it once (captum's and PAIR's order,
+    and one multiply instead of one per node)."""
 
     constant_tangent: ClassVar[bool]
 
-    def points(self, nodes: Float[Array, " k"]) -> Float[Array, "k b h w c"]: ...
+    def points(self, nodes: Float[Array, " k"]) -> Points: ...
 
-    def tangents(self, nodes: Float[Array, " k"] | None) -> Float[Array, "..."]: ...
+    def tangents(self, nodes: Float[Array, " k"] | None) -> Points: ...
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["baselines", "images"], meta_fields=[])
+def _along_nodes(values: Float[Array, " k"], like: Array) -> Array:
+    """(k,) values shaped to broadcast against an array with a leading node axis."""
+    return values.astype(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["start", "end"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class StraightLine:
-    """x' + t (x - x'), t in [0, 1]: Integrated Gradients' path, tangent x - x'."""
+    """start + t (end - start), t in [0, 1]: Integrated Gradients' path, tangent end - start.
+    Arrays of any shape (or pytrees of them, with the same structure)."""
 
-    baselines: Float[Array, "b h w c"]
-    images: Float[Array, "b h w c"]
+    start: PyTree[Array]
+    end: PyTree[Array]
 
     constant_tangent: ClassVar[bool] = True
 
-    def points(self, nodes: Float[Array, " k"]) -> Float[Array, "k b h w c"]:
-        # baseline + t * (x - baseline) in the images' dtype: captum's expression, node rounded first.
-        t = nodes.astype(self.images.dtype)[:, None, None, None, None]
-        return self.baselines + t * (self.images - self.baselines)
+    def points(self, nodes: Float[Array, " k"]) -> Points:
+        # start + t * (end - start) in the arrays' dtype: captum's expression, node rounded first.
+        def line(start, end):
+            return start + _along_nodes(nodes, end[None]) * (end - start)
 
-    def tangents(self, nodes: Float[Array, " k"] | None = None) -> Float[Array, "b h w c"]:
-        return self.images - self.baselines
+        return jax.tree_util.tree_map(line, self.start, self.end)
 
-
-# ----------------------------------------------------------------------------------- baselines
-
-BASELINES: tuple[str, ...] = ("black", "mean", "blur", "uniform")
-
-
-def check_baseline(kind: str) -> None:
-    if kind not in BASELINES:
-        raise ValueError(f"unknown baseline {kind!r}; expected one of {BASELINES} (or pass an array)")
-
-
-def baseline_images(
-    kind: str,
-    forward: Forward,
-    images: Float[Array, "b h w c"],
-    *,
-    key: jax.Array | None = None,
-    blur_sigma: float = 50.0,
-) -> Float[Array, "b h w c"]:
-    """A baseline per image, in pixel space.
-
-    'black' zeros; 'mean' the model's mean colour, i.e. zero in the model's normalised space (what
-    captum and GNL use on normalised inputs; needs a jaxattr Model); 'blur' the image blurred with
-    SciPy's zero-padded Gaussian at `blur_sigma` (Blur IG's fully blurred end); 'uniform' U(0, 1)
-    noise drawn per image from `key` (an image draws the same noise in any batch)."""
-    check_baseline(kind)
-    if kind == "black":
-        return jnp.zeros_like(images)
-    if kind == "mean":
-        mean = getattr(getattr(forward, "module", None), "mean", None)
-        if mean is None:
-            raise TypeError(
-                f"baseline 'mean' reads the model's normalisation mean: pass a jaxattr Model, "
-                f"got {type(forward).__name__}"
-            )
-        return jnp.broadcast_to(jnp.asarray(mean, images.dtype), images.shape)
-    if kind == "blur":
-        from jaxattr.blur import gaussian_blur
-
-        return gaussian_blur(images, blur_sigma)
-    if key is None:
-        raise ValueError("baseline 'uniform' is random: pass key=jax.random.key(seed)")
-    keys = image_keys(key, images.shape[0])
-    return jax.vmap(lambda k: jax.random.uniform(k, images.shape[1:], images.dtype))(keys)
-
-
-def broadcast_baselines(baselines: Any, images: Float[Array, "b h w c"]) -> Float[Array, "b h w c"]:
-    """A user-supplied baseline array broadcast to the images: (b, h, w, c), (1, h, w, c), (h, w, c),
-    a colour (c,) or a scalar."""
-    baselines = jnp.asarray(baselines, images.dtype)
-    try:
-        return jnp.broadcast_to(baselines, images.shape)
-    except ValueError:
-        raise ValueError(
-            f"baselines of shape {baselines.shape} do not broadcast to the images' shape {images.shape}"
-        ) from None
+    def tangents(self, nodes: Float[Array, " k"] | None = None) -> PyTree[Array]:
+        return jax.tree_util.tree_map(lambda start, end: end - start, self.start, self.end)
 
 
 # -------------------------------------------------------------------------------------- engine
@@ -278,43 +233,41 @@ def chunked_sum(fn: Callable[[Any], Any], xs: Any, init: Any = None, *, chunk: i
 
 
 def integrate(
-    forward: Forward,
+    score: Callable[[Points], Array],
     path: Path,
-    targets: Int[Array, " b"],
     rule: Quadrature,
     *,
-    output: Output = "logit",
     chunk: int | None = None,
-) -> Float[Array, "b h w c"]:
-    """Σ_k w_k ∇score(p(t_k)) ⊙ p'(t_k) (/ divisor) for every image of the batch.
+) -> PyTree[Array]:
+    """Σ_k w_k ∇score(p(t_k)) ⊙ p'(t_k) (/ divisor): one integral per point of the path's batch.
 
-    Each chunk evaluates `chunk` nodes for all b images as one batch of chunk·b images (the model
-    treats images independently), so results do not depend on `chunk`, only memory does; None
-    evaluates every node at once (captum's internal_batch_size=None). Weights multiply the
-    gradients elementwise, never through a matmul that a TPU/GPU would run at reduced precision."""
+    `score(points)` maps points with a leading node axis to scores of any shape; the gradient of
+    their sum is taken, so each score must depend on its own point only (a model treating images
+    independently does). `chunk` nodes are evaluated per step of the loop, so results do not
+    depend on it, only memory does; None evaluates every node at once (captum's
+    internal_batch_size=None). Weights multiply the gradients elementwise, never through a matmul
+    that a TPU/GPU would run at reduced precision. Returns the integrals in the points' dtypes."""
     probe = jax.eval_shape(path.points, jnp.zeros((1,)))
-    _, b, *image_shape = probe.shape
-    dtype = probe.dtype
+    dtype = jax.tree_util.tree_leaves(probe)[0].dtype
 
     def chunk_sum(part):
         nodes, weights = part
         points = path.points(nodes)
-        k = nodes.shape[0]
-        _, grads = input_gradients(forward, points.reshape(k * b, *image_shape), jnp.tile(targets, k), output)
-        grads = grads.reshape(points.shape)
+        scores, vjp = jax.vjp(score, points)
+        (grads,) = vjp(jnp.ones_like(scores))
         if not path.constant_tangent:
-            grads = path.tangents(nodes) * grads
-        return jnp.sum(weights.astype(dtype)[:, None, None, None, None] * grads, axis=0)
+            grads = jax.tree_util.tree_map(jnp.multiply, path.tangents(nodes), grads)
+        return jax.tree_util.tree_map(lambda g: jnp.sum(_along_nodes(weights, g) * g, axis=0), grads)
 
     nodes = jnp.asarray(rule.nodes, dtype)
     weights = jnp.asarray(rule.weights, dtype)
-    init = jnp.zeros((b, *image_shape), rule.accumulator or dtype)
+    init = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape[1:], rule.accumulator or p.dtype), probe)
     total = chunked_sum(chunk_sum, (nodes, weights), init, chunk=chunk)
     if path.constant_tangent:
-        total = total * path.tangents(None)
+        total = jax.tree_util.tree_map(jnp.multiply, total, path.tangents(None))
     if rule.divisor != 1:
-        total = _divide(total, rule.divisor)
-    return total.astype(dtype)
+        total = jax.tree_util.tree_map(lambda t: _divide(t, rule.divisor), total)
+    return jax.tree_util.tree_map(lambda t, p: t.astype(p.dtype), total, probe)
 
 
 def _divide(x: Array, divisor: float) -> Array:
@@ -325,15 +278,13 @@ def _divide(x: Array, divisor: float) -> Array:
 
 
 def completeness_delta(
-    forward: Forward,
-    attributions: Float[Array, "b h w c"],
-    images: Float[Array, "b h w c"],
-    baselines: Float[Array, "b h w c"],
-    targets: Int[Array, " b"],
-    output: Output = "logit",
-) -> Float[Array, " b"]:
-    """Σ attributions - (score(x) - score(x')) per image: 0 for an exact integral along any path
-    from x' to x (captum's convergence delta). Not meaningful for modified gradients (GNL)."""
-    end = target_scores(forward, images, targets, output)
-    start = target_scores(forward, broadcast_baselines(baselines, images), targets, output)
-    return jnp.sum(attributions, axis=(1, 2, 3)) - (end - start)
+    score: Callable[[Points], Array], attributions: PyTree[Array], start: PyTree[Array], end: PyTree[Array]
+) -> Array:
+    """Σ attributions - (score(end) - score(start)) per point: 0 for an exact integral along any
+    path from `start` to `end` (captum's convergence delta). `score` as for `integrate`, with a
+    leading node axis; sums run over every axis after the leading batch axis. Not meaningful for
+    modified gradients (GNL)."""
+    stacked = jax.tree_util.tree_map(lambda s, e: jnp.stack([s, e]), start, end)
+    scores = score(stacked)
+    total = sum(jnp.sum(a.reshape(a.shape[0], -1), axis=1) for a in jax.tree_util.tree_leaves(attributions))
+    return total - (scores[1] - scores[0])

@@ -1,7 +1,10 @@
-"""Heatmaps made visible: a colormap, overlays on the image, side-by-side panels, PNG files.
+"""Saliency maps made visible: display contrast, a colormap, overlays on the image, side-by-side
+panels, PNG files.
 
-Everything here is numpy on the host (it runs once per image, after the device work) and needs
-nothing beyond Pillow: the colormap is Turbo, evaluated from its published polynomial.
+Display contrast lives here and only here (`contrast`): saliency maps stay unclipped everywhere
+else, so metrics never depend on how a picture was scaled. Everything is numpy on the host (it
+runs once per image, after the device work) and needs nothing beyond Pillow: the colormap is
+Turbo, evaluated from its published polynomial.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import BinaryIO, Callable
 import numpy as np
 from jaxtyping import Float, UInt8
 from PIL import Image
+
+from jaxattr.maps import Contrast
 
 # Turbo (Anton Mikhailov, Google, 2019), as the degree-5 polynomial fit by Ruofei Du,
 # https://gist.github.com/mikhailov-work/0d177465a8151eb6ede1768d51d476c7
@@ -28,6 +33,30 @@ _TURBO_COEFFICIENTS = np.array(
     ],
     dtype=np.float64,
 )
+
+
+def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den where den > 0, else 0: a constant map shows as zeros, not the references' 0/0 NaN."""
+    return np.where(den > 0, num / np.where(den > 0, den, 1), np.zeros_like(num))
+
+
+def contrast(maps: Float[np.ndarray, "*b h w"], scale: Contrast) -> Float[np.ndarray, "*b h w"]:
+    """Saliency maps (one, or a batch) scaled to [0, 1] for display: (m - floor) / (upper - floor),
+    clipped, per map (see `jaxattr.maps.Contrast`)."""
+    maps = np.asarray(maps)
+    axes = (-2, -1)
+    upper = np.percentile(maps, scale.percentile, axis=axes, keepdims=True)
+    floor = np.min(maps, axis=axes, keepdims=True) if scale.floor == "min" else np.zeros_like(upper)
+    return np.clip(_safe_ratio(maps - floor, upper - floor), 0.0, 1.0).astype(np.float32)
+
+
+def diverging(maps: Float[np.ndarray, "*b h w"], percentile: float = 99.0) -> Float[np.ndarray, "*b h w"]:
+    """PAIR `VisualizeImageDiverging` of signed maps (`jaxattr.maps.channel_sum`): 0 -> 0.5 and
+    +-span -> 1 / 0, span the `percentile`-th percentile of the map. As in the reference code,
+    values below -span go negative (down to -1)."""
+    maps = np.asarray(maps)
+    span = np.abs(np.percentile(maps, percentile, axis=(-2, -1), keepdims=True))
+    return np.clip(_safe_ratio(maps + span, 2 * span), -1.0, 1.0).astype(np.float32)
 
 
 def turbo(values: Float[np.ndarray, "*shape"]) -> Float[np.ndarray, "*shape 3"]:

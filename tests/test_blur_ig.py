@@ -11,7 +11,7 @@ import torch
 
 from converters.crosscheck import max_rel_diff, references, run
 from converters.torch_models import torch_twin
-from jaxattr import BlurIGConfig, blur_ig, explain, gaussian_blur, method_info
+from jaxattr import BlurIGConfig, blur_ig, explain, gaussian_blur, method_spec
 from jaxattr.methods.blur_ig import blur_path, blur_sigmas
 
 SQRT = BlurIGConfig(sqrt=True)
@@ -157,18 +157,18 @@ def test_linear_model_attributes_the_difference_to_the_blurred_image(rng):
 
 
 def test_registered_and_explainable(rng):
-    assert method_info("blur_ig").config is BlurIGConfig
+    assert method_spec("blur_ig").config is BlurIGConfig
     explanation = explain(pixel_linear, rng.rand(1, 8, 8, 3).astype(np.float32), "blur_ig", steps=5)
-    assert explanation.heatmaps.shape == (1, 8, 8)
+    assert explanation.maps.shape == (1, 8, 8)
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(steps=0), "steps must be a positive int"),
+        (dict(steps=0), "steps must be an integer >= 1"),
         (dict(max_sigma=-1.0), "max_sigma must be a finite number"),
         (dict(grad_step=0.0), "grad_step must be a finite number > 0"),
-        (dict(chunk=0), "chunk must be a positive int"),
+        (dict(chunk=0), "chunk must be None or an integer >= 1"),
         (dict(output="softmax"), "unknown output"),
     ],
 )

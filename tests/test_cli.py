@@ -1,6 +1,5 @@
 """End-to-end runs of the `jaxattr` command line on a random-init ResNet-18 and tiny images."""
 
-import dataclasses
 import io
 import json
 import os
@@ -15,11 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxattr import cli, explain, heatmaps, imagenet_labels
+from jaxattr import cli, explain, imagenet_labels, maps
+from jaxattr.cli import explain as explain_command
+from jaxattr.config import Config, config, static
 from jaxattr.image import load_image
-from jaxattr.methods import registry as method_registry
-from jaxattr.methods.registry import MethodInfo
-from jaxattr.models import create_model, model_info
+from jaxattr.methods import base as method_base
+from jaxattr.methods import list_methods
+from jaxattr.methods.base import MethodSpec
+from jaxattr.models import create_model, list_models, model_info
+from jaxattr.run import Progress, output_names
 from jaxattr.models.registry import cache_path
 from jaxattr.models.weights import save_params
 
@@ -118,7 +121,7 @@ def test_a_crash_mid_run_keeps_finished_images_and_a_rerun_resumes(
     (images / "broken.jpg").unlink()
     out = tmp_path / "out"
     calls = []
-    real = cli._explain_batch
+    real = explain_command.explain_batch
 
     def crash_on_second_batch(*args, **kwargs):
         calls.append(1)
@@ -126,14 +129,14 @@ def test_a_crash_mid_run_keeps_finished_images_and_a_rerun_resumes(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "_explain_batch", crash_on_second_batch)
+    monkeypatch.setattr(explain_command, "explain_batch", crash_on_second_batch)
     assert _explain([images], out, weights) == 130
     assert "resume" in capsys.readouterr().err
     done = sorted(p.stem for p in out.glob("*.png"))
     assert done == ["grey", "rgb"]  # the first batch, complete
     assert sorted(_summary(out)) == done
     assert [p for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary files
-    monkeypatch.setattr(cli, "_explain_batch", real)
+    monkeypatch.setattr(explain_command, "explain_batch", real)
     assert _explain([images], out, weights) == 0
     assert "2 of 4 images already have outputs" in capsys.readouterr().err
     assert sorted(_summary(out)) == ["grey", "rgb", "rgba", "sixteen"]
@@ -173,7 +176,7 @@ def test_output_names_are_unique():
         Path("b/deep/cat.png"),
         Path("c/owl.png"),
     ]
-    assert cli.output_names(paths) == {
+    assert output_names(paths) == {
         Path("a/cat.jpg"): "a__cat",
         Path("b/cat.jpg"): "b__cat",
         Path("b/dog.jpg"): "dog",
@@ -181,7 +184,7 @@ def test_output_names_are_unique():
         Path("c/owl.png"): "owl",
     }
     same_folder = [Path("x/owl.jpg"), Path("x/owl.png")]  # only the extension differs
-    assert cli.output_names(same_folder) == {Path("x/owl.jpg"): "owl.jpg", Path("x/owl.png"): "owl.png"}
+    assert output_names(same_folder) == {Path("x/owl.jpg"): "owl.jpg", Path("x/owl.png"): "owl.png"}
 
 
 def test_same_stems_from_different_directories(tmp_path, weights):
@@ -198,15 +201,15 @@ def test_same_stems_from_different_directories(tmp_path, weights):
 # ---------------------------------------------------------- method options and a test method
 
 
-@dataclasses.dataclass(frozen=True)
-class ProbeConfig:
-    steps: int = 4
-    rule: Literal["left", "right"] = "left"
-    scale: float = 1.0
-    normalise: bool = True
-    sigmas: tuple[float, ...] = (1.0,)
-    layer: str | None = None
-    nested: Any = None  # no command-line form: keeps its default
+@config
+class ProbeConfig(Config):
+    steps: int = static(4)
+    rule: Literal["left", "right"] = static("left")
+    scale: float = static(1.0)
+    normalise: bool = static(True)
+    sigmas: tuple[float, ...] = static((1.0,))
+    layer: str | None = static(None)
+    nested: Any = static(None)  # no command-line form: keeps its default
 
 
 @pytest.fixture
@@ -219,9 +222,8 @@ def probe_method(monkeypatch):
         seen.append((config, key))
         return images / images.mean(axis=(1, 2, 3), keepdims=True)
 
-    monkeypatch.setitem(
-        method_registry._METHODS, "probe", MethodInfo("probe", probe, ProbeConfig, heatmaps.grayscale, "test")
-    )
+    spec = MethodSpec("probe", probe, ProbeConfig, "test", saliency=maps.abs_sum, contrast=maps.Contrast())
+    monkeypatch.setitem(method_base._METHODS, "probe", spec)
     return seen
 
 
@@ -259,7 +261,7 @@ def test_option_choices_are_checked(images, tmp_path, weights, probe_method, cap
 def test_an_option_of_another_method_is_a_clear_error(images, tmp_path, weights, probe_method, capsys):
     assert _explain([images / "rgb.png"], tmp_path / "out", weights, "--steps", "8") == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: jaxattr explain")
+    assert err.startswith("jaxattr explain: error: ") and len(err.strip().splitlines()) == 1
     assert (
         "saliency has no option --steps (an option of " in err
         and "probe" in err
@@ -298,7 +300,7 @@ def test_target_by_class_name(images, tmp_path, weights, probe_method, capsys):
 
 
 def test_every_registered_method_gets_its_options():
-    for method in cli.list_methods():  # argparse raises if an option clashes with the CLI's own
+    for method in list_methods():  # argparse raises if an option clashes with the CLI's own
         args = cli.build_parser(method).parse_args(["explain", "x", "--out", "o", "--method", method])
         assert args.method == method and not any(
             k.startswith("config:") for k in vars(args)
@@ -307,7 +309,7 @@ def test_every_registered_method_gets_its_options():
 
 def test_progress_bar():
     log = io.StringIO()
-    progress = cli.Progress(4, log)
+    progress = Progress(4, log)
     progress.advance(1)
     progress.note("hello")
     progress.advance(3)
@@ -320,7 +322,7 @@ def test_progress_bar():
             return True
 
     terminal = Terminal()
-    progress = cli.Progress(2, terminal)
+    progress = Progress(2, terminal)
     progress.advance(2)
     assert (
         terminal.getvalue().count("\r\033[K") == 2 and terminal.getvalue().count("\n") == 1
@@ -371,7 +373,7 @@ def test_models_table_shows_weight_status(monkeypatch, tmp_path, capsys):
     assert cli.main(["models"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
     assert rows["resnet18"][1:4] == ["resnet", "torchvision", "224"] and rows["resnet18"][-1] == "missing"
-    assert set(rows) == set(cli.list_models())
+    assert set(rows) == set(list_models())
     cache_path("resnet18").parent.mkdir(parents=True)
     cache_path("resnet18").write_bytes(b"")
     assert cli.main(["models"]) == 0

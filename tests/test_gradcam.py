@@ -1,5 +1,7 @@
 """Grad-CAM and guided backprop against captum on random torchvision models."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,5 +69,15 @@ def test_tokens_to_grid_drops_the_class_token():
 
 
 def test_gradcam_needs_a_model(rng):
-    with pytest.raises(TypeError, match="needs a jaxattr Model"):
+    with pytest.raises(TypeError, match="pass a jaxattr Model"):
         gradcam(lambda x: x.sum(axis=(1, 2)), rng.rand(1, 8, 8, 3).astype(np.float32))
+
+
+def test_a_hand_built_model_has_its_architectures_default_layer(resnet18, rng):
+    # The default feature layer is declared by the architecture, not looked up by registry name.
+    model, _ = resnet18
+    unnamed = dataclasses.replace(model, name="")
+    images = rng.rand(1, 32, 32, 3).astype(np.float32)
+    assert unnamed.feature_layer == "layer4"
+    np.testing.assert_array_equal(gradcam(unnamed, images, 2), gradcam(model, images, 2))
+    np.testing.assert_array_equal(gradcam(unnamed, images, 2), gradcam(model, images, 2, config=GradCamConfig(layer="layer4")))

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from jaxattr import explain, paths
+from jaxattr.methods import path_scores
+from jaxattr.methods.baselines import baseline_images
 from jaxattr.methods.integrated_gradients import GnlIGConfig, IntegratedGradientsConfig, gnl_ig, integrated_gradients
 
 torch = pytest.importorskip("torch")
@@ -48,7 +50,15 @@ def _check(method, twin, images, targets=TARGETS, **options):
 
 @pytest.mark.parametrize("rule", RULES)
 def test_integrated_gradients_vs_captum(twin, images, rule):
-    _check("integrated_gradients", twin, images, config=IntegratedGradientsConfig(steps=16, rule=rule))
+    # float64 from a random baseline: rules that evaluate a constant baseline tie every max-pool
+    # window exactly, and in float64 the CPU's convolution rounding then decides which entry takes the
+    # gradient (see converters.references.integrated_gradients). float32 from captum's black default:
+    # there the same ties resolve alike, while random float32 path points put many units near their
+    # kinks (measured: 6.6 % of entries beyond 1e-5 on an AMD EPYC).
+    dtype = twin[0]
+    baseline = "uniform" if dtype == "float64" else "black"
+    config = IntegratedGradientsConfig(steps=16, rule=rule, baseline=baseline)
+    _check("integrated_gradients", twin, images, config=config, key=jax.random.key(0))
 
 
 def test_captum_defaults(images):
@@ -95,8 +105,11 @@ def test_pair_integrated_gradients_vs_saliency(twin, images):
     with crosscheck.precision(dtype) as np_dtype:
         m, x = model.astype(np_dtype), images.astype(np_dtype)
         t = torch_model.to(torch.float64 if dtype == "float64" else torch.float32)
+        baselines = np.random.RandomState(1).rand(*x.shape).astype(np_dtype)  # not a constant image: no exact ties
         for batch_size in (1, 3):  # 3 does not divide the 10 steps: a smaller last batch, as in PAIR
-            ours, theirs = refs.integrated_gradients_vs_pair(m, t, x, TARGETS, steps=10, batch_size=batch_size)
+            ours, theirs = refs.integrated_gradients_vs_pair(
+                m, t, x, TARGETS, steps=10, batch_size=batch_size, baselines=baselines
+            )
             if dtype == "float64":  # per-batch sums into a float32 buffer, then x (x - x') / n
                 np.testing.assert_array_equal(ours, theirs)
             else:
@@ -129,8 +142,8 @@ def test_completeness_delta_equals_captums(images):
         m, t = model.astype(np.float64), torch_model.double()
         config = IntegratedGradientsConfig(steps=20, baseline="mean")
         ours = integrated_gradients(m, images, TARGETS, config=config)
-        baselines = paths.baseline_images("mean", m, images)
-        delta = paths.completeness_delta(m, ours, images, baselines, jnp.asarray(TARGETS))
+        baselines = baseline_images("mean", m, jnp.asarray(images))
+        delta = paths.completeness_delta(path_scores(m, jnp.asarray(TARGETS)), ours, baselines, jnp.asarray(images))
         _, captum_delta = IntegratedGradients(t).attribute(
             to_torch_images(images),
             baselines=t.normalisation(torch.float64)[0].expand(len(images), 3, *images.shape[1:3]),
@@ -157,8 +170,9 @@ def test_gnl_ig_defaults_and_heatmap(images):
     assert (config.steps, config.rule, config.baseline, config.output) == (50, "gausslegendre", "mean", "logit")
     x = images.astype(np.float32)
     result = explain(model, x, "gnl_ig", steps=8)
-    h = np.asarray(result.heatmaps)
-    assert h.shape == (2, 32, 32) and np.allclose(h.max(axis=(1, 2)), 1.0) and h.min() >= 0
+    h = np.asarray(result.maps)
+    # GNL's map, unclipped: |sum_c a| (GNL divides it by its maximum, a display choice).
+    np.testing.assert_allclose(h, np.abs(np.asarray(result.attributions).sum(-1)), rtol=0, atol=1e-6 * h.max())
     # Guided gradients differ from plain ones: GNL-IG is not IG.
     assert crosscheck.max_rel_diff(result.attributions, integrated_gradients(model, x, result.targets, config=IntegratedGradientsConfig(steps=8, baseline="mean"))) > 1e-2
 
@@ -173,7 +187,7 @@ def test_explain_integrated_gradients(images):
     _, model = torch_twin("resnet18")
     x = images.astype(np.float32)
     result = explain(model, x, "integrated_gradients", steps=4, chunk=2)
-    assert result.attributions.shape == (2, 32, 32, 3) and result.heatmaps.shape == (2, 32, 32)
+    assert result.attributions.shape == (2, 32, 32, 3) and result.maps.shape == (2, 32, 32)
     # A baseline array reaches the method: a white baseline is not the config's black one.
     white = explain(model, x, "integrated_gradients", targets=TARGETS, steps=4, baselines=np.ones_like(x))
     direct = integrated_gradients(model, x, TARGETS, config=IntegratedGradientsConfig(steps=4), baselines=1.0)

@@ -167,7 +167,7 @@ def test_container_names_resolve_to_their_last_layer(name, layer, resolved):
 @pytest.mark.parametrize("name", ["vgg11", "googlenet"])
 def test_feature_layer_is_the_last_spatial_map(name):
     model = _static_model(name)
-    layer = model.resolve_layer(model_info(name).feature_layer)
+    layer = model.resolve_layer(model.feature_layer)
     after = model.layers[model.layers.index(layer) + 1]
     assert after == "avgpool"
 

@@ -1,5 +1,5 @@
 """ViT ports against timm / torchvision run in the same test: layers, logits, attention maps,
-position-embedding resampling for other image sizes, and the attention API used by IIA."""
+position-embedding resampling for other image sizes, and the attention sites used by IIA."""
 
 import dataclasses
 
@@ -16,19 +16,27 @@ from converters.torch_models import PixelInput, from_torch, to_torch_images, tor
 from converters.verify import compare  # noqa: E402
 from jaxattr.models import Model, create_model, model_info  # noqa: E402
 from jaxattr.models.resnet import ResNet  # noqa: E402
-from jaxattr.models.vit import (  # noqa: E402
-    AttentionOverride,
-    VisionTransformer,
-    attention_gradients,
-    attention_maps,
-    resample_position_embedding,
-)
+from jaxattr.methods.sites import site_gradients  # noqa: E402
+from jaxattr.models.vit import VisionTransformer, attention_sites, resample_position_embedding  # noqa: E402
 from jaxattr.models.weights import params_from_state_dict, write_safetensors  # noqa: E402
 
 TV_VIT = torchvision.models.vision_transformer
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def attention_maps(model, images, replace=None):
+    """(logits, every block's attention stacked (blocks, b, heads, n, n)) through the site API."""
+    sites = attention_sites(model)
+    logits, values = model.intervene(images, replace=replace, read=sites)
+    return logits, jnp.stack([values[s] for s in sites])
+
+
+def attention_gradients(model, images, targets, output="logit", replace=None):
+    sites = attention_sites(model)
+    logits, values, grads = site_gradients(model, images, targets, sites, replace=replace, output=output)
+    return logits, jnp.stack([values[s] for s in sites]), jnp.stack([grads[s] for s in sites])
 
 
 def randomise_head(module: torch.nn.Module) -> None:
@@ -115,8 +123,7 @@ def tiny_pair(naming: str, *, seed: int = 0, depth: int = 3) -> tuple[torch.nn.M
 
 def qkv_weight_and_bias(grads, model: Model, block: int):
     """The block's q|k|v projection weight and bias in `grads`, output axis first."""
-    block_name, attention = model.module.attention_path(block)
-    node = grads[block_name][attention]
+    node = grads[model.module.block_name(block)]["self_attention" if model.module.naming == "torchvision" else "attn"]
     if model.module.naming == "torchvision":
         return np.asarray(node["in_proj_weight"]), np.asarray(node["in_proj_bias"])
     return np.asarray(node["qkv"]["kernel"]).T, np.asarray(node["qkv"]["bias"])
@@ -231,7 +238,7 @@ def test_image_size_must_be_a_multiple_of_the_patch():
         model_info("vit_b_32").resize_params(params, 250)
 
 
-# --------------------------------------------------------------------------- attention API
+# ------------------------------------------------------------------------- attention sites
 
 
 @pytest.mark.parametrize("naming", ["timm", "torchvision"])
@@ -254,15 +261,14 @@ def test_override_with_own_attention_reproduces_logits(naming, rng):
     _, model = tiny_pair(naming)
     images = jnp.asarray(rng.rand(2, 32, 32, 3).astype(np.float32))
     logits, maps = attention_maps(model, images)
+    sites = attention_sites(model)
     for block in (-1, 1):
-        overridden, overridden_maps = attention_maps(
-            model, images, override=AttentionOverride(block, maps[block])
-        )
+        overridden, overridden_maps = attention_maps(model, images, {sites[block]: maps[block]})
         np.testing.assert_array_equal(np.asarray(overridden), np.asarray(logits))
         np.testing.assert_array_equal(np.asarray(overridden_maps), np.asarray(maps))
     # A different attention changes the output and is reported as that block's attention.
     uniform = jnp.full_like(maps[-1], 1.0 / maps.shape[-1])
-    changed, changed_maps = attention_maps(model, images, override=AttentionOverride(-1, uniform))
+    changed, changed_maps = attention_maps(model, images, {sites[-1]: uniform})
     assert np.abs(np.asarray(changed - logits)).max() > 1e-3
     np.testing.assert_array_equal(np.asarray(changed_maps[-1]), np.asarray(uniform))
     np.testing.assert_array_equal(np.asarray(changed_maps[:-1]), np.asarray(maps[:-1]))
@@ -278,11 +284,9 @@ def test_override_blocks_gradient_to_queries_and_keys(naming, rng):
     qk, v = slice(0, 2 * vit.width), slice(2 * vit.width, 3 * vit.width)  # output rows q|k, v
 
     def score(params, override):
-        variables = {"params": params}
-        if override is not None:
-            block, attention = vit.attention_path(last)
-            variables["attention_override"] = {block: {attention: {"attention": override}}}
-        return vit.apply(variables, images)[:, 3].sum()
+        replace = None if override is None else {attention_sites(model)[last]: override}
+        logits, _ = dataclasses.replace(model, params=params).intervene(images, replace=replace)
+        return logits[:, 3].sum()
 
     grad = jax.jit(jax.grad(score))
     free_w, free_b = qkv_weight_and_bias(grad(model.params, None), model, last)
@@ -297,7 +301,7 @@ def finite_difference(model, images, targets, block, attention, direction, outpu
     by substituting attention +- eps * direction through the forward-only override."""
 
     def summed(attn):
-        logits, _ = attention_maps(model, images, override=AttentionOverride(block, attn))
+        logits, _ = attention_maps(model, images, {attention_sites(model)[block]: attn})
         scores = jax.nn.softmax(logits, -1) if output == "probability" else logits
         return float(jnp.take_along_axis(scores, targets[:, None], 1).sum())
 
@@ -321,7 +325,7 @@ def test_attention_gradients_match_finite_differences(naming, output, rng):
         # With an override, the gradient of that block is the gradient w.r.t. the given array.
         given = 0.7 * maps[-1]
         _, overridden_maps, overridden_grads = attention_gradients(
-            model64, images, targets, output=output, override=AttentionOverride(-1, given)
+            model64, images, targets, output=output, replace={attention_sites(model64)[-1]: given}
         )
         np.testing.assert_array_equal(np.asarray(overridden_maps[-1]), np.asarray(given))
         direction = jnp.asarray(rng.randn(*maps.shape[1:]))
@@ -329,23 +333,22 @@ def test_attention_gradients_match_finite_differences(naming, output, rng):
         np.testing.assert_allclose(float(jnp.sum(overridden_grads[-1] * direction)), expected, rtol=1e-6)
 
 
-def test_attention_api_bad_input():
+def test_attention_sites_bad_input():
     _, model = tiny_pair("timm", depth=2)
     images = jnp.zeros((2, 32, 32, 3))
-    with pytest.raises(ValueError, match="out of range"):
-        attention_maps(model, images, override=AttentionOverride(2, jnp.zeros((2, 4, 17, 17))))
-    with pytest.raises(ValueError, match="must have shape"):
-        attention_maps(model, images, override=AttentionOverride(0, jnp.zeros((1, 4, 17, 17))))
-    with pytest.raises(TypeError, match="AttentionOverride"):
-        attention_maps(model, images, override=jnp.zeros((2, 4, 17, 17)))
+    sites = attention_sites(model)
+    assert sites == ("blocks.0.attn.attention", "blocks.1.attn.attention")
+    with pytest.raises(ValueError, match="unknown layer 'blocks.2.attn.attention'"):
+        model.intervene(images, replace={"blocks.2.attn.attention": jnp.zeros((2, 4, 17, 17))})
+    with pytest.raises(ValueError, match="must have its shape"):
+        model.intervene(images, replace={sites[0]: jnp.zeros((1, 4, 17, 17))})
     with pytest.raises(ValueError, match="targets"):
-        attention_gradients(model, images, jnp.zeros((3,), jnp.int32))
+        site_gradients(model, images, jnp.zeros((3,), jnp.int32), sites)
     with pytest.raises(ValueError, match="unknown output"):
-        attention_gradients(model, images, 0, output="loss")
-    with pytest.raises(TypeError, match="expected a ViT"):
-        attention_maps(Model(ResNet(), {}, "resnet50"), images)
+        site_gradients(model, images, 0, sites, output="loss")
+    with pytest.raises(TypeError, match="not a Vision Transformer"):
+        attention_sites(Model(ResNet(), {}, "resnet50"))
     with pytest.raises(ValueError, match="takes 32x32 images"):
         attention_maps(model, jnp.zeros((1, 64, 64, 3)))
     with pytest.raises(ValueError, match="no ReLU"):
         model.with_nonlinearity("guided")(images)
-    assert dataclasses.is_dataclass(AttentionOverride)

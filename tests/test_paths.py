@@ -1,5 +1,5 @@
 """The path-integration engine: quadrature nodes and weights against captum, torch and NumPy;
-exactness, paths, baselines and chunking on analytic functions and a tiny CNN."""
+exactness, paths, any rank and chunking on analytic functions and a tiny CNN."""
 
 import dataclasses
 from typing import ClassVar
@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.ndimage
 
 from jaxattr import paths
-from jaxattr.models import create_model
+from jaxattr.methods import path_scores
 
 torch = pytest.importorskip("torch")
 approximation_methods = pytest.importorskip("captum.attr._utils.approximation_methods")
@@ -65,8 +64,6 @@ def test_bad_rule_and_steps_are_explained():
         paths.quadrature("simpson", 10)
     with pytest.raises(ValueError, match="steps >= 2"):
         paths.quadrature("riemann_left", 1)
-    with pytest.raises(ValueError, match="expected one of .*black.*mean.*blur.*uniform"):
-        paths.check_baseline("white")
 
 
 # ------------------------------------------------------------------------- engine, analytic cases
@@ -80,6 +77,10 @@ def _cubic_forward(x):
 
 
 CUBIC = jax.tree_util.Partial(_cubic_forward)
+
+
+def _score(targets, output="logit"):
+    return path_scores(CUBIC, targets, output)
 
 
 def _exact_gauss_legendre(n):
@@ -98,12 +99,12 @@ def test_gauss_legendre_is_exact_for_polynomial_scores(rng):
         x, baselines = _images(rng), _images(rng)
         targets = jnp.array([0, 1])
         path = paths.StraightLine(jnp.asarray(baselines), jnp.asarray(x))
-        attributions = paths.integrate(CUBIC, path, targets, _exact_gauss_legendre(2))
-        delta = paths.completeness_delta(CUBIC, attributions, x, baselines, targets)
+        attributions = paths.integrate(_score(targets), path, _exact_gauss_legendre(2))
+        delta = paths.completeness_delta(_score(targets), attributions, baselines, x)
         scale = np.abs(np.asarray(CUBIC(x))).max()
         assert np.abs(np.asarray(delta)).max() < 1e-13 * scale
         # ... and per feature it equals the 40-node result (no interaction term is left out).
-        reference = paths.integrate(CUBIC, path, targets, _exact_gauss_legendre(40))
+        reference = paths.integrate(_score(targets), path, _exact_gauss_legendre(40))
         np.testing.assert_allclose(attributions, reference, rtol=1e-12, atol=1e-14)
 
 
@@ -132,8 +133,8 @@ def test_any_parametrisation_of_the_line_gives_integrated_gradients(rng):
     with jax.enable_x64(True):
         x, baselines = jnp.asarray(_images(rng)), jnp.asarray(_images(rng))
         targets = jnp.array([1, 0])
-        curved = paths.integrate(CUBIC, _QuadraticTimeLine(baselines, x), targets, _exact_gauss_legendre(3))
-        straight = paths.integrate(CUBIC, paths.StraightLine(baselines, x), targets, _exact_gauss_legendre(2))
+        curved = paths.integrate(_score(targets), _QuadraticTimeLine(baselines, x), _exact_gauss_legendre(3))
+        straight = paths.integrate(_score(targets), paths.StraightLine(baselines, x), _exact_gauss_legendre(2))
         np.testing.assert_allclose(curved, straight, rtol=1e-12, atol=1e-14)
 
 
@@ -143,9 +144,59 @@ def test_probability_output_is_completed_in_probabilities(rng):
         baselines = jnp.zeros_like(x)
         targets = jnp.array([0, 1])
         path = paths.StraightLine(baselines, x)
-        attributions = paths.integrate(CUBIC, path, targets, _exact_gauss_legendre(64), output="probability")
-        delta = paths.completeness_delta(CUBIC, attributions, x, baselines, targets, output="probability")
+        score = _score(targets, "probability")
+        attributions = paths.integrate(score, path, _exact_gauss_legendre(64))
+        delta = paths.completeness_delta(score, attributions, baselines, x)
         assert np.abs(np.asarray(delta)).max() < 1e-9
+
+
+# ------------------------------------------------------------------------------- any rank
+
+
+def _polynomial_score(points):
+    """A per-example score of points (k, b, ...) of any rank: Σ w·p³ + (Σ p)² over all but k, b."""
+    flat = points.reshape(*points.shape[:2], -1)
+    w = jnp.linspace(-1.0, 1.0, flat.shape[-1], dtype=points.dtype)
+    return jnp.sum(w * flat**3, axis=-1) + jnp.sum(flat, axis=-1) ** 2
+
+
+def _direct_ig(score, start, end, rule):
+    """Σ_k w_k ∇score(start + t_k (end - start)) ⊙ (end - start), one node at a time."""
+    total = jnp.zeros_like(end)
+    for t, w in zip(rule.nodes, rule.weights):
+        point = start + t * (end - start)
+        grads = jax.grad(lambda p: jnp.sum(score(p[None])))(point)
+        total = total + w * grads
+    return total * (end - start)
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 5, 7), (2, 3, 5, 5), (3, 6, 6), (2, 4, 4, 3)], ids=["tokens", "attention", "masks", "pixels"]
+)
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_integrate_works_on_any_rank(shape, chunk, rng):
+    with jax.enable_x64(True):
+        start, end = jnp.asarray(rng.rand(*shape)), jnp.asarray(rng.rand(*shape))
+        rule = paths.quadrature("riemann_trapezoid", 5)
+        ours = paths.integrate(_polynomial_score, paths.StraightLine(start, end), rule, chunk=chunk)
+        assert ours.shape == shape
+        np.testing.assert_allclose(ours, _direct_ig(_polynomial_score, start, end, rule), rtol=1e-12, atol=1e-14)
+
+
+def test_integrate_works_on_pytrees(rng):
+    # Two representations of one batch (tokens and attention) integrated together: each leaf gets
+    # its own share, and the shares add up to the score difference (completeness).
+    with jax.enable_x64(True):
+        start = {"tokens": jnp.asarray(rng.rand(2, 5, 4)), "attention": jnp.asarray(rng.rand(2, 3, 5, 5))}
+        end = {"tokens": jnp.asarray(rng.rand(2, 5, 4)), "attention": jnp.asarray(rng.rand(2, 3, 5, 5))}
+
+        def score(points):
+            return _polynomial_score(points["tokens"]) * _polynomial_score(points["attention"])
+
+        ours = paths.integrate(score, paths.StraightLine(start, end), _exact_gauss_legendre(12))
+        assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(start)
+        delta = paths.completeness_delta(score, ours, start, end)
+        assert np.abs(np.asarray(delta)).max() < 1e-9 * np.abs(np.asarray(score(jax.tree_util.tree_map(lambda e: e[None], end)))).max()
 
 
 # ---------------------------------------------------------------------------------- chunking
@@ -164,7 +215,7 @@ def _tiny_cnn():
 
 def _ig(forward, x, targets, steps, chunk):
     path = paths.StraightLine(jnp.zeros_like(x), x)
-    return paths.integrate(forward, path, targets, paths.quadrature("gausslegendre", steps), chunk=chunk)
+    return paths.integrate(path_scores(forward, targets), path, paths.quadrature("gausslegendre", steps), chunk=chunk)
 
 
 def test_chunk_size_changes_memory_not_results(rng):
@@ -202,41 +253,3 @@ def test_chunked_sum_adds_chunks_in_the_total_dtype():
         for start in range(0, 10, 3):  # NumPy's `total += chunk.sum(0)` into a float32 buffer
             expected += np.asarray(xs[start : start + 3]).sum(0)
         np.testing.assert_array_equal(np.asarray(total), expected)
-
-
-# --------------------------------------------------------------------------------- baselines
-
-
-def test_baselines(rng):
-    model = create_model("resnet18", weights=None, image_size=16)
-    x = jnp.asarray(_images(rng, b=3, size=16, dtype=np.float32))
-    np.testing.assert_array_equal(paths.baseline_images("black", model, x), np.zeros(x.shape))
-    mean = paths.baseline_images("mean", model, x)
-    np.testing.assert_array_equal(mean, np.broadcast_to(np.float32(model.module.mean), x.shape))
-    blurred = np.stack([scipy.ndimage.gaussian_filter(image, (2.0, 2.0, 0), mode="constant") for image in np.asarray(x)])
-    np.testing.assert_allclose(paths.baseline_images("blur", model, x, blur_sigma=2.0), blurred, atol=1e-6)
-
-
-def test_uniform_baseline_is_keyed_per_image(rng):
-    x = jnp.asarray(_images(rng, b=3, size=8, dtype=np.float32))
-    draw = lambda images, seed: np.asarray(paths.baseline_images("uniform", None, images, key=jax.random.key(seed)))
-    first = draw(x, 0)
-    assert first.min() >= 0 and first.max() < 1 and first.shape == x.shape
-    np.testing.assert_array_equal(first, draw(x, 0))
-    np.testing.assert_array_equal(first[:2], draw(x[:2], 0))  # the batch does not change an image's draw
-    assert not np.array_equal(first, draw(x, 1))
-    with pytest.raises(ValueError, match="key"):
-        paths.baseline_images("uniform", None, x)
-
-
-def test_mean_baseline_needs_a_model(rng):
-    with pytest.raises(TypeError, match="jaxattr Model"):
-        paths.baseline_images("mean", CUBIC, jnp.asarray(_images(rng, dtype=np.float32)))
-
-
-def test_user_baselines_broadcast_or_explain(rng):
-    x = jnp.asarray(_images(rng, b=2, size=4, dtype=np.float32))
-    assert paths.broadcast_baselines(np.full(3, 0.5), x).shape == x.shape
-    assert paths.broadcast_baselines(x[0], x).shape == x.shape
-    with pytest.raises(ValueError, match=r"do not broadcast to the images' shape \(2, 4, 4, 3\)"):
-        paths.broadcast_baselines(np.zeros((3, 4, 4, 3)), x)

@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent(
         scale = float(jnp.abs(one.attributions).max())
         report[name] = {
             field: float(jnp.abs(getattr(one, field) - getattr(many, field)).max()) / (scale if field == "attributions" else 1.0)
-            for field in ("attributions", "heatmaps", "probabilities")
+            for field in ("attributions", "maps", "probabilities")
         }
         report[name]["shape"] = list(many.attributions.shape)
 

@@ -1,17 +1,14 @@
 """SmoothGrad / SmoothGrad² / VarGrad against captum's NoiseTunnel and PAIR's GetSmoothedMask with
 the same noise injected into both sides, plus the noise semantics (keys, sigma, chunks)."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxattr import explain
+from jaxattr import ConfigError, explain, method
 from jaxattr.methods.gradcam import gradcam
-from jaxattr.methods.gradients import SaliencyConfig, SmoothGradConfig, smoothgrad
-from jaxattr.methods.integrated_gradients import IntegratedGradientsConfig
+from jaxattr.methods.gradients import SmoothGradConfig, smoothgrad
 from jaxattr.models import create_model
 
 torch = pytest.importorskip("torch")
@@ -45,15 +42,45 @@ def _check(method, twin, images, **options):
 @pytest.mark.parametrize("kind", ["smoothgrad", "smoothgrad_sq", "vargrad"])
 def test_noise_tunnel_saliency_vs_captum(twin, images, kind):
     # 5 samples in chunks of 2: captum's nt_samples_batch_size partitions, the last one smaller.
-    _check("smoothgrad", twin, images, config=SmoothGradConfig(kind=kind, samples=5, chunk=2))
+    config = SmoothGradConfig(kind=kind, samples=5, chunk=2)
+    if twin[0] == "float64":
+        _check("smoothgrad", twin, images, config=config)
+        return
+    # float32 on a kink-free model: on a ReLU / max-pool network some noisy sample puts a unit within
+    # float32 rounding of its kink, where torch's and XLA's convolutions (which round differently,
+    # and differently on different CPUs) take opposite sides; at 32 px a flipped unit in the last
+    # stage moves the whole map (measured on an AMD EPYC: 1 of 5 samples, 37 % of entries beyond
+    # 1e-5). float32 arithmetic and the noise bookkeeping are what this compares.
+    forward, torch_model = _smooth_pair(images.shape[1])
+    x = images.astype(np.float32)
+    ours, theirs = refs.smoothgrad_vs_captum(forward, torch_model, x, TARGETS, config=config)
+    # VarGrad is E[a^2] - E[a]^2: float32 rounding is relative to the terms that cancel.
+    scale = config.replace(kind="smoothgrad_sq") if kind == "vargrad" else config
+    reference_scale = np.abs(refs.smoothgrad_vs_captum(forward, torch_model, x, TARGETS, config=scale)[1]).max()
+    assert np.abs(ours - theirs).max() <= 1e-5 * reference_scale
+
+
+def _smooth_pair(size: int, classes: int = 10):
+    """The same smooth classifier (linear, tanh, linear on NHWC-flattened pixels) in JAX and torch."""
+    rng = np.random.RandomState(7)
+    w1 = (rng.randn(size * size * 3, 16) / np.sqrt(size * size * 3)).astype(np.float32)
+    w2 = rng.randn(16, classes).astype(np.float32)
+    forward = jax.tree_util.Partial(
+        lambda w, x: jnp.tanh(x.reshape(x.shape[0], -1) @ w[0]) @ w[1], (jnp.asarray(w1), jnp.asarray(w2))
+    )
+
+    class Smooth(torch.nn.Module):
+        def forward(self, x):  # NCHW in, flattened in NHWC order as on the JAX side
+            flat = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+            return torch.tanh(flat @ torch.from_numpy(w1)) @ torch.from_numpy(w2)
+
+    return forward, Smooth()
 
 
 def test_noise_tunnel_integrated_gradients_vs_captum(images):
     torch_model, model = torch_twin("resnet18")
-    config = SmoothGradConfig(
-        base="integrated_gradients", base_config={"steps": 6, "rule": "riemann_right"}, kind="vargrad", samples=3, relative=False, stdev=0.1
-    )
-    assert config.resolved_base_config == IntegratedGradientsConfig(steps=6, rule="riemann_right")
+    base = method("integrated_gradients", steps=6, rule="riemann_right")
+    config = SmoothGradConfig(base=base, kind="vargrad", samples=3, relative=False, stdev=0.1)
     _check("smoothgrad", ("float32", model, torch_model), images, config=config)
 
 
@@ -133,7 +160,7 @@ def test_explain_smoothgrad(images):
     _, model = torch_twin("resnet18")
     x = images.astype(np.float32)
     result = explain(model, x, "smoothgrad", samples=3, key=jax.random.key(0))
-    assert result.attributions.shape == x.shape and result.heatmaps.shape == (2, 32, 32)
+    assert result.attributions.shape == x.shape and result.maps.shape == (2, 32, 32)
     with pytest.raises(ValueError, match="stochastic: pass key"):
         explain(model, x, "smoothgrad")
     with pytest.raises(ValueError, match="random: pass key"):
@@ -144,25 +171,28 @@ def test_any_registered_method_is_a_base(images):
     _, model = torch_twin("resnet18")
     x = images.astype(np.float32)
     noise = np.random.RandomState(5).randn(2, *x.shape).astype(np.float32) * 0.1
-    config = SmoothGradConfig(base="gradcam", samples=2)
+    config = SmoothGradConfig(base=method("gradcam"), samples=2)
     ours = np.asarray(smoothgrad(model, x, TARGETS, config=config, noise=noise))
     per_sample = [np.asarray(gradcam(model, x + n, TARGETS)) for n in noise]
     np.testing.assert_allclose(ours, np.mean(per_sample, axis=0), rtol=1e-5, atol=1e-6 * np.abs(ours).max())
-    result = explain(model, x, "smoothgrad", base="gradcam", samples=2, key=jax.random.key(0))
-    assert result.heatmaps.shape == (2, 32, 32)
+    result = explain(model, x, "smoothgrad", base=method("gradcam"), samples=2, key=jax.random.key(0))
+    assert result.maps.shape == (2, 32, 32)
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="unknown method 'gradient'; available: saliency"):
+    with pytest.raises(ConfigError, match="base must be a method bound to its config"):
         SmoothGradConfig(base="gradient")
+    with pytest.raises(ConfigError, match="base must be a method .* that wraps no other"):
+        SmoothGradConfig(base=method("smoothgrad"))
     with pytest.raises(ValueError, match="expected one of .*smoothgrad_sq.*vargrad"):
         SmoothGradConfig(kind="smoothgrad_squared")
-    with pytest.raises(ValueError, match="saliency has no option steps; options: multiply_by_inputs, output"):
-        SmoothGradConfig(base_config={"steps": 3})
-    with pytest.raises(TypeError, match="must be a SaliencyConfig"):
-        SmoothGradConfig(base_config=IntegratedGradientsConfig())
-    # Changing the base keeps a mapping of options meaningful (and hashable).
-    config = dataclasses.replace(SmoothGradConfig(base_config={"output": "probability"}), base="integrated_gradients")
-    assert config.resolved_base_config == IntegratedGradientsConfig(output="probability")
-    assert hash(config) == hash(dataclasses.replace(config))
-    assert SmoothGradConfig(base_config=SaliencyConfig(multiply_by_inputs=True)).resolved_base_config.multiply_by_inputs
+    with pytest.raises(ConfigError, match="saliency has no option steps"):
+        method("saliency", steps=3)
+    with pytest.raises(ConfigError, match="stdev must be a finite number >= 0, got -0.1"):
+        SmoothGradConfig(stdev=-0.1)
+    with pytest.raises(ConfigError, match="samples must be an integer >= 1, got 0"):
+        SmoothGradConfig(samples=0)
+    # A config with a base method is hashable (it is static inside the compiled program).
+    config = SmoothGradConfig(base=method("integrated_gradients", output="probability"))
+    assert hash(config) == hash(SmoothGradConfig(base=method("integrated_gradients", output="probability")))
+    assert config.to_dict()["base"] == {"method": "integrated_gradients", "config": method("integrated_gradients", output="probability").config.to_dict()}

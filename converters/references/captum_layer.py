@@ -8,7 +8,7 @@ from captum.attr import GuidedBackprop, LayerGradCam
 
 from converters.crosscheck import reference
 from converters.torch_models import to_numpy_nhwc, to_torch_images
-from jaxattr.methods.gradcam import GradCamConfig, default_layer, gradcam
+from jaxattr.methods.gradcam import GradCamConfig, gradcam
 from jaxattr.methods.guided_backprop import guided_backprop
 
 
@@ -18,7 +18,7 @@ from jaxattr.methods.guided_backprop import guided_backprop
     tolerance={"float32": 1e-5, "float64": 1e-10},
 )
 def gradcam_vs_captum(model, torch_model, images, targets, *, layer: str | None = None):
-    layer = layer or default_layer(model)
+    layer = layer or model.feature_layer
     ours = gradcam(model, images, targets, config=GradCamConfig(layer=layer))
     cam = LayerGradCam(torch_model, torch_model.model.get_submodule(layer))
     theirs = cam.attribute(to_torch_images(images), target=torch.from_numpy(targets), relu_attributions=True)

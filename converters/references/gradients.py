@@ -35,12 +35,12 @@ def saliency_vs_captum(model, torch_model, images, targets):
 
 def _captum_base(config: SmoothGradConfig, torch_model: PixelInput):
     """The captum attribution for `config.base` and the keyword arguments giving jaxattr's settings."""
-    base_config = config.resolved_base_config
-    if config.base == "saliency" and not base_config.multiply_by_inputs and base_config.output == "logit":
+    base, base_config = config.base.spec.name, config.base.config
+    if base == "saliency" and not base_config.multiply_by_inputs and base_config.output == "logit":
         return Saliency(torch_model), {"abs": False}
-    if config.base == "integrated_gradients" and base_config.baseline == "black" and base_config.output == "logit":
+    if base == "integrated_gradients" and base_config.baseline == "black" and base_config.output == "logit":
         return IntegratedGradients(torch_model), {"n_steps": base_config.steps, "method": base_config.rule}
-    raise ValueError(f"no captum counterpart for smoothgrad of {config.base} with {base_config}")
+    raise ValueError(f"no captum counterpart for smoothgrad of {base} with {base_config}")
 
 
 def noise_draws(config: SmoothGradConfig, images: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -100,7 +100,7 @@ def smoothgrad_vs_pair(model, torch_model, images, targets, *, config: SmoothGra
     PAIR draws normal(0, sigma, x.shape) per sample from NumPy's global RNG; the runner seeds it,
     records the draws, reseeds and lets PAIR draw the same stream again."""
     config = config or SmoothGradConfig()
-    if config.base != "saliency" or config.kind == "vargrad" or not config.relative:
+    if config.base.spec.name != "saliency" or config.kind == "vargrad" or not config.relative:
         raise ValueError("PAIR's GetSmoothedMask has kinds smoothgrad / smoothgrad_sq with relative sigma only")
     theirs, noise = [], []
     for i, (image, target) in enumerate(zip(images, targets)):

@@ -17,7 +17,7 @@ from converters.crosscheck import reference
 from converters.guided import guided
 from converters.references.pair import pair_call_model
 from converters.torch_models import PixelInput, to_numpy_nhwc, to_torch_images
-from jaxattr import paths
+from jaxattr.methods.baselines import baseline_images
 from jaxattr.methods.integrated_gradients import GnlIGConfig, IntegratedGradientsConfig, gnl_ig, integrated_gradients
 
 CAPTUM_RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -39,7 +39,7 @@ def captum_baselines(config: IntegratedGradientsConfig, torch_model: PixelInput,
     if config.baseline == "blur":  # saliency's Blur IG blur: zero padding, no blur across channels
         blurred = [scipy.ndimage.gaussian_filter(x, (config.blur_sigma, config.blur_sigma, 0), mode="constant") for x in images]
         return to_torch_images(np.stack(blurred)).to(dtype)
-    return to_torch_images(np.asarray(paths.baseline_images("uniform", None, images, key=key))).to(dtype)
+    return to_torch_images(np.asarray(baseline_images("uniform", None, images, key=key))).to(dtype)
 
 
 def _internal_batch_size(config: IntegratedGradientsConfig, images: np.ndarray) -> int | None:
@@ -57,6 +57,10 @@ def _score_function(torch_model: torch.nn.Module, output: str):
 # near-baseline path points (the first Gauss-Legendre node is t = 5.7e-4) differently, which moves
 # those points' gradients (measured 4e-4 on resnet18 and 4e-3 on vgg11 at the defaults); float64
 # agrees to ~1e-15. float32 stays available (--dtype float32) and is tested where no ties occur.
+# Rules that evaluate the baseline itself (riemann_left, riemann_trapezoid, pair) on a constant
+# baseline (black, mean) are ill-posed in any precision: every max-pool window ties exactly, and
+# which entry takes the gradient depends on the CPU's convolution rounding (measured 7e-3 in
+# float64 on an AMD EPYC, 1e-15 on an Intel Xeon); compare those from a random baseline.
 @reference(
     "integrated_gradients",
     reference="captum IntegratedGradients (same rule, steps, baseline and internal batching)",
@@ -82,17 +86,28 @@ def integrated_gradients_vs_captum(
 
 
 def integrated_gradients_vs_pair(
-    model, torch_model, images, targets, *, steps: int = 25, batch_size: int = 1, output: str = "logit"
+    model,
+    torch_model,
+    images,
+    targets,
+    *,
+    steps: int = 25,
+    batch_size: int = 1,
+    output: str = "logit",
+    baselines: np.ndarray | None = None,
 ):
-    """jaxattr's 'pair' rule vs saliency 0.2.1 `IntegratedGradients.GetMask` (black baseline), one image
-    at a time as PAIR runs; jaxattr's chunk is PAIR's batch_size (the same per-batch sums)."""
+    """jaxattr's 'pair' rule vs saliency 0.2.1 `IntegratedGradients.GetMask` from `baselines` (one per
+    image; default black, PAIR's default), one image at a time as PAIR runs; jaxattr's chunk is PAIR's
+    batch_size (the same per-batch sums). The rule evaluates the baseline itself: a black one ties
+    max-pool windows exactly (see integrated_gradients_vs_captum's note)."""
     config = IntegratedGradientsConfig(steps=steps, rule="pair", chunk=batch_size, output=output)
-    ours = integrated_gradients(model, images, targets, config=config)
+    starts = np.zeros_like(images) if baselines is None else np.broadcast_to(baselines, images.shape)
+    ours = integrated_gradients(model, images, targets, config=config, baselines=starts)
     theirs = [
         saliency.IntegratedGradients().GetMask(
-            image, pair_call_model(torch_model, int(target), output), x_steps=steps, batch_size=batch_size
+            image, pair_call_model(torch_model, int(target), output), x_steps=steps, x_baseline=start, batch_size=batch_size
         )
-        for image, target in zip(images, targets)
+        for image, start, target in zip(images, starts, targets)
     ]
     return np.asarray(ours), np.stack(theirs)
 

@@ -60,21 +60,30 @@ def _numpy_quantile_shim():
     tolerance={"float64": 1e-10},
     default_dtype="float64",
 )
-def guided_ig_vs_pair(model, torch_model, images, targets, *, config: GuidedIGConfig | None = None):
+def guided_ig_vs_pair(
+    model, torch_model, images, targets, *, config: GuidedIGConfig | None = None, baselines: np.ndarray | None = None
+):
+    """Guided IG from `baselines` (one per image; default: the config's, which must be black as PAIR's
+    default). A black start is an exactly constant image, whose max-pool windows tie exactly: which
+    entry takes the gradient then depends on ulp-level differences between torch's and XLA's
+    convolutions on the machine's CPU, and Guided IG's path branches on it. Random baselines give a
+    well-posed float64 comparison on any CPU."""
     config = config or GuidedIGConfig()
-    if config.baseline != "black":
-        raise ValueError(f"the PAIR reference runs from a black baseline, not {config.baseline!r}")
-    ours = guided_ig(model, images, targets, config=config)
+    if baselines is None and config.baseline != "black":
+        raise ValueError(f"the PAIR reference runs from a black baseline or given baselines, not {config.baseline!r}")
+    starts = np.zeros_like(images) if baselines is None else np.broadcast_to(baselines, images.shape)
+    ours = guided_ig(model, images, targets, config=config, baselines=None if baselines is None else starts)
     with _numpy_quantile_shim():
         theirs = [
             saliency.GuidedIG().GetMask(
                 image,
                 pair_call_model(torch_model, int(target), config.output),
                 x_steps=config.steps,
+                x_baseline=start,
                 fraction=config.fraction,
                 max_dist=config.max_dist,
             )
-            for image, target in zip(images, targets)
+            for image, start, target in zip(images, starts, targets)
         ]
     return np.asarray(ours), np.stack(theirs)
 

@@ -8,7 +8,6 @@ wrapped in a Partial (its closed-over arrays then become compile-time constants)
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxattr.models import Head, Model, check_images
-from jaxattr.scores import OUTPUTS as OUTPUTS, Output as Output, select_scores
+from jaxattr.scores import Output as Output, select_scores
 
 Forward = Callable[[Array], Array]
 
@@ -30,10 +29,10 @@ def as_forward(forward: Forward) -> Forward:
     return jax.tree_util.Partial(forward)
 
 
-def require_model(forward: Forward, method: str) -> Model:
-    """Methods that tap layers or switch non-linearities need a jaxattr Model, not any forward."""
+def require_model(forward: Forward, method: str, why: str = "reads the model's internals") -> Model:
+    """Methods that reach inside the model (sites, taps, guided rules) need a jaxattr Model, not any forward."""
     if not isinstance(forward, Model):
-        raise TypeError(f"{method} needs a jaxattr Model, got {type(forward).__name__}")
+        raise TypeError(f"{method} {why}: pass a jaxattr Model, got {type(forward).__name__}")
     return forward
 
 
@@ -90,43 +89,17 @@ def is_key_batch(key: jax.Array | None, batch: int) -> bool:
 
 
 @jax.jit
-def _predicted_classes(forward: Forward, images: Array) -> Int[Array, " b"]:
+def predicted_classes(forward: Forward, images: Array) -> Int[Array, " b"]:
     return jnp.argmax(forward(images), axis=-1)
 
 
-def attribution_method(config_cls: type):
-    """Decorator turning an implementation `fn(forward, images, targets, key, *, config)` into the
-    public method `method(forward, images, targets=None, *, config=config_cls(), key=None)`.
+def path_scores(forward: Forward, targets: Int[Array, " b"], output: Output = "logit") -> Callable[[Array], Array]:
+    """The score `jaxattr.paths.integrate` differentiates: image path points (k, b, h, w, c) ->
+    each point's target score (k, b), evaluated as one batch of k·b images."""
 
-    The implementation is jit-compiled with the (frozen, hashable) config static; targets may be
-    None (predicted class, resolved inside the compiled function). Array inputs that cannot live
-    in a static config (a baseline array, explicit noise) are extra keyword arguments of `fn`,
-    passed through unchanged.
+    def scores(points: Float[Array, "k b h w c"]) -> Float[Array, "k b"]:
+        k, b = points.shape[:2]
+        flat = points.reshape(k * b, *points.shape[2:])
+        return target_scores(forward, flat, jnp.tile(targets, k), output).reshape(k, b)
 
-    `key` is one key for the batch (each image then draws from fold_in(key, its index)) or one
-    typed key per image, shape (b,): each image is then computed from its own key alone, so its
-    map does not depend on which batch it came in (the CLI keys images by file name)."""
-
-    def wrap(fn):
-        compiled = jax.jit(fn, static_argnames=("config",))
-
-        @functools.wraps(fn)
-        def method(forward, images, targets=None, *, config=None, key=None, **arrays):
-            check_inputs(images, targets)
-            config = config_cls() if config is None else config
-            if not isinstance(config, config_cls):
-                raise TypeError(f"{fn.__name__} takes a {config_cls.__name__}, got {type(config).__name__}")
-            forward = as_forward(forward)
-            if not is_key_batch(key, images.shape[0]):
-                return compiled(forward, images, targets, key, config=config, **arrays)
-            if arrays:
-                raise ValueError(f"per-image keys cannot be combined with {', '.join(arrays)}: pass one key")
-            targets = _predicted_classes(forward, images) if targets is None else targets
-            targets = jnp.broadcast_to(jnp.asarray(targets, jnp.int32), images.shape[:1])
-            one = lambda x, t, k: compiled(forward, x[None], t[None], k, config=config)[0]
-            return jax.vmap(one)(images, targets, key)
-
-        method.config_class = config_cls
-        return method
-
-    return wrap
+    return scores

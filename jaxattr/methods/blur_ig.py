@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import ClassVar
 
 import jax
@@ -25,39 +24,25 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxattr import heatmaps, paths
+from jaxattr import maps, paths
 from jaxattr.blur import AxisBlur, axis_blur, blur_axes, toeplitz_blur, zero_padded_kernels
-from jaxattr.methods._common import OUTPUTS, Output, attribution_method, resolve_targets
-from jaxattr.methods.registry import MethodInfo, register_method
+from jaxattr.config import Config, config, integer, number, optional, static
+from jaxattr.maps import Contrast
+from jaxattr.methods._common import Output, path_scores, resolve_targets
+from jaxattr.methods.base import MethodSpec, register, run_compiled
 
 
-def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+@config
+class BlurIGConfig(Config):
+    """PAIR saliency `BlurIG.GetMask` defaults. The sigmas are static: they build the blur kernels."""
 
-
-@dataclasses.dataclass(frozen=True)
-class BlurIGConfig:
-    """PAIR saliency `BlurIG.GetMask` defaults."""
-
-    max_sigma: float = 50.0  # blur of the path's start
-    steps: int = 100
-    grad_step: float = 0.01  # sigma increment of the forward difference
-    sqrt: bool = False  # sigma_i = sqrt(i * max_sigma / steps): finer steps at low blur
+    max_sigma: float = static(50.0, number(0))  # blur of the path's start
+    steps: int = static(100, integer(1))
+    grad_step: float = static(0.01, number(0, exclusive_minimum=True))  # sigma increment of the forward difference
+    sqrt: bool = static(False)  # sigma_i = sqrt(i * max_sigma / steps): finer steps at low blur
     # Steps evaluated per gradient batch (PAIR's batch_size): memory, never results. None: all at once.
-    chunk: int | None = None
-    output: Output = "logit"  # differentiate the target's logit or its softmax probability
-
-    def __post_init__(self):
-        if not (_is_finite_number(self.max_sigma) and self.max_sigma >= 0):
-            raise ValueError(f"max_sigma must be a finite number >= 0, got {self.max_sigma!r}")
-        if not (isinstance(self.steps, int) and self.steps >= 1):
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
-        if not (_is_finite_number(self.grad_step) and self.grad_step > 0):
-            raise ValueError(f"grad_step must be a finite number > 0, got {self.grad_step!r}")
-        if self.chunk is not None and not (isinstance(self.chunk, int) and self.chunk >= 1):
-            raise ValueError(f"chunk must be a positive int or None, got {self.chunk!r}")
-        if self.output not in OUTPUTS:
-            raise ValueError(f"unknown output {self.output!r}; expected one of {OUTPUTS}")
+    chunk: int | None = static(None, optional(integer(1)))
+    output: Output = static("logit")  # differentiate the target's logit or its softmax probability
 
 
 def blur_sigmas(config: BlurIGConfig) -> np.ndarray:
@@ -115,21 +100,28 @@ def blur_path(images: Float[Array, "b h w c"], config: BlurIGConfig) -> tuple[Bl
     return path, paths.Quadrature(np.arange(config.steps, dtype=np.float64), np.diff(sigmas))
 
 
-@attribution_method(BlurIGConfig)
-def blur_ig(forward, images, targets, key, *, config: BlurIGConfig) -> Float[Array, "b h w c"]:
-    """Blur IG of each image's target (default: its predicted class)."""
+@jax.jit
+def _blur_ig(forward, images, targets, key, config: BlurIGConfig):
     del key
     targets = resolve_targets(forward, images, targets)
     path, rule = blur_path(images, config)
-    return -paths.integrate(forward, path, targets, rule, output=config.output, chunk=config.chunk)
+    return -paths.integrate(path_scores(forward, targets, config.output), path, rule, chunk=config.chunk)
 
 
-register_method(
-    MethodInfo(
+def blur_ig(
+    model, images: Float[Array, "b h w 3"], targets=None, *, config: BlurIGConfig = BlurIGConfig(), key=None
+) -> Float[Array, "b h w 3"]:
+    """Blur IG of each image's target (default: its predicted class)."""
+    return run_compiled(_blur_ig, BlurIGConfig, model, images, targets, config=config, key=key)
+
+
+register(
+    MethodSpec(
         "blur_ig",
         blur_ig,
         BlurIGConfig,
-        heatmaps.grayscale,
         "Blur IG (PAIR saliency): integrated gradients along a Gaussian blur path to the image",
+        saliency=maps.abs_sum,
+        contrast=Contrast("min", 99.0),
     )
 )

@@ -1,25 +1,26 @@
-"""Grad-CAM (Selvaraju et al.) at any tapped layer, CNN feature maps or ViT tokens."""
+"""Grad-CAM (Selvaraju et al.) at any layer, CNN feature maps or ViT tokens."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxattr import heatmaps
-from jaxattr.methods._common import Output, attribution_method, require_model, resolve_targets, target_scores
-from jaxattr.methods.registry import MethodInfo, register_method
-from jaxattr.models import Model, model_info
+from jaxattr import maps
+from jaxattr.config import Config, config, static
+from jaxattr.maps import Contrast
+from jaxattr.methods._common import Output, require_model, resolve_targets, target_scores
+from jaxattr.methods.base import MethodSpec, register, run_compiled
+from jaxattr.models import Model
 
 
-@dataclasses.dataclass(frozen=True)
-class GradCamConfig:
-    layer: str | None = None  # None: the model's last spatial feature map (ModelInfo.feature_layer)
-    output: Output = "logit"
-    relu: bool = True  # Grad-CAM's ReLU; captum's LayerGradCam leaves it off by default
+@config
+class GradCamConfig(Config):
+    layer: str | None = static(None)  # None: the model's default feature layer (`Model.feature_layer`)
+    output: Output = static("logit")
+    relu: bool = static(True)  # Grad-CAM's ReLU; captum's LayerGradCam leaves it off by default
 
 
 def tokens_to_grid(x: Array) -> Float[Array, "b h w d"]:
@@ -36,19 +37,18 @@ def tokens_to_grid(x: Array) -> Float[Array, "b h w d"]:
     raise ValueError(f"cannot arrange {n} tokens on a square grid")
 
 
-def default_layer(model: Model) -> str:
-    layer = model_info(model.name).feature_layer if model.name else ""
+def feature_layer(model: Model, layer: str | None) -> str:
+    """`layer`, or the model's default feature layer, resolved to a stage name."""
+    layer = layer or model.feature_layer
     if not layer:
-        raise ValueError(f"no default Grad-CAM layer for {model.name or 'this model'}: set config.layer")
-    return layer
+        raise ValueError(f"{model.name or 'this model'} declares no default feature layer: set config.layer")
+    return model.resolve_layer(layer)
 
 
-@attribution_method(GradCamConfig)
-def gradcam(forward, images, targets, key, *, config: GradCamConfig) -> Float[Array, "b h w"]:
-    """sum_c (mean_hw d score / d A_c) A_c at the layer's resolution (upsample for display)."""
+@jax.jit
+def _gradcam(model, images, targets, key, config: GradCamConfig):
     del key
-    model = require_model(forward, "gradcam")
-    activation, head = model.tap(images, config.layer or default_layer(model))
+    activation, head = model.tap(images, feature_layer(model, config.layer))
     targets = resolve_targets(model, images, targets)
     scores, vjp = jax.vjp(lambda a: target_scores(head, a, targets, config.output), activation)
     (grads,) = vjp(jnp.ones_like(scores))
@@ -58,6 +58,23 @@ def gradcam(forward, images, targets, key, *, config: GradCamConfig) -> Float[Ar
     return jax.nn.relu(cam) if config.relu else cam
 
 
-register_method(
-    MethodInfo("gradcam", gradcam, GradCamConfig, heatmaps.min_max, "Grad-CAM at a feature layer", needs_tap=True)
+def gradcam(
+    model: Model, images: Float[Array, "b h w 3"], targets=None, *, config: GradCamConfig = GradCamConfig(), key=None
+) -> Float[Array, "b h w"]:
+    """sum_c (mean_hw d score / d A_c) A_c at the layer's resolution (`jaxattr.explain` upsamples)."""
+    model = require_model(model, "gradcam", "taps a layer")
+    feature_layer(model, config.layer)  # an unknown or missing layer fails here, not in the trace
+    return run_compiled(_gradcam, GradCamConfig, model, images, targets, config=config, key=key)
+
+
+register(
+    MethodSpec(
+        "gradcam",
+        gradcam,
+        GradCamConfig,
+        "Grad-CAM at a feature layer",
+        saliency=maps.identity,
+        contrast=Contrast("min", 100.0),
+        needs_model=True,
+    )
 )

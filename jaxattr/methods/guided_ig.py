@@ -15,7 +15,6 @@ branching makes results differ from float64 by up to a few per cent at the defau
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Callable
@@ -24,32 +23,26 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxattr import heatmaps, paths
-from jaxattr.methods._common import OUTPUTS, Output, attribution_method, input_gradients, resolve_targets
-from jaxattr.methods.registry import MethodInfo, register_method
+from jaxattr import maps
+from jaxattr.config import Config, config, integer, number, static, traced
+from jaxattr.maps import Contrast
+from jaxattr.methods._common import Output, input_gradients, resolve_targets
+from jaxattr.methods.base import MethodSpec, register, run_compiled
+from jaxattr.methods.baselines import Baseline, baseline_images, broadcast_baselines
 
 # PAIR's math.isclose(l1_target, l1_current, rel_tol=1e-9, abs_tol=1e-9).
 _CLOSE = 1e-9
 
 
-@dataclasses.dataclass(frozen=True)
-class GuidedIGConfig:
-    steps: int = 200  # outer steps, one gradient each
-    fraction: float = 0.25  # share of features (lowest |gradient|) moved per move
-    max_dist: float = 0.02  # max deviation of a feature's alpha from the straight line's (0: IG; 1: free)
-    baseline: str = "black"  # one of jaxattr.paths.BASELINES; a `baselines=` array overrides it
-    output: Output = "logit"  # differentiate the target's logit or its softmax probability
-
-    def __post_init__(self):
-        if not (isinstance(self.steps, int) and self.steps >= 1):
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
-        for name in ("fraction", "max_dist"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-        paths.check_baseline(self.baseline)
-        if self.output not in OUTPUTS:
-            raise ValueError(f"unknown output {self.output!r}; expected one of {OUTPUTS}")
+@config
+class GuidedIGConfig(Config):
+    steps: int = static(200, integer(1))  # outer steps, one gradient each
+    # Share of features (lowest |gradient|) moved per move: static, it fixes the quantile's index.
+    fraction: float = static(0.25, number(0, 1))
+    # Max deviation of a feature's alpha from the straight line's (0: IG; 1: free).
+    max_dist: float = traced(0.02, number(0, 1))
+    baseline: Baseline = static("black")  # a `baselines=` array overrides it
+    output: Output = static("logit")  # differentiate the target's logit or its softmax probability
 
 
 def _isclose(a: Array, b: Array) -> Array:
@@ -70,9 +63,9 @@ def _guided_step(
     gradient: Float[Array, "*f"],
     l1_total: Float[Array, ""],
     alpha: Float[Array, ""],
+    max_dist: Float[Array, ""],
     *,
     fraction: float,
-    max_dist: float,
 ) -> tuple[Float[Array, "*f"], Float[Array, "*f"]]:
     """One outer step for one input: move `point` until its L1 distance to the input is
     l1_total * (1 - alpha). Returns the new point and attributions."""
@@ -135,45 +128,57 @@ def guided_ig_path_attributions(
     baselines = baselines.astype(dtype)
     l1_total = jnp.sum(jnp.abs(inputs - baselines), axis=tuple(range(1, inputs.ndim)))
     per_input_step = jax.vmap(
-        functools.partial(_guided_step, fraction=config.fraction, max_dist=config.max_dist),
-        in_axes=(0, 0, 0, 0, 0, 0, None),
+        functools.partial(_guided_step, fraction=config.fraction), in_axes=(0, 0, 0, 0, 0, 0, None, None)
     )
+    max_dist = jnp.asarray(config.max_dist, dtype)
 
     def step(carry, index):
         point, attributions = carry
         alpha = (index.astype(dtype) + 1) / config.steps
         gradient = gradients(point).astype(dtype)
-        return per_input_step(inputs, baselines, point, attributions, gradient, l1_total, alpha), None
+        return per_input_step(inputs, baselines, point, attributions, gradient, l1_total, alpha, max_dist), None
 
     (_, attributions), _ = jax.lax.scan(step, (baselines, jnp.zeros_like(inputs)), jnp.arange(config.steps))
     return attributions
 
 
-@attribution_method(GuidedIGConfig)
-def guided_ig(
-    forward, images, targets, key, *, config: GuidedIGConfig, baselines=None
-) -> Float[Array, "b h w c"]:
-    """Guided IG of each image's target (default: its predicted class).
-
-    `baselines`: an optional array broadcastable to the images (per image, one image, a colour);
-    otherwise `config.baseline` names one (PAIR's default is black; 'uniform' needs `key`)."""
+@jax.jit
+def _guided_ig(forward, images, targets, key, config: GuidedIGConfig, baselines):
     targets = resolve_targets(forward, images, targets)
     if baselines is None:
-        baselines = paths.baseline_images(config.baseline, forward, images, key=key)
+        baselines = baseline_images(config.baseline, forward, images, key=key)
     return guided_ig_path_attributions(
         lambda points: input_gradients(forward, points, targets, config.output)[1],
         images,
-        paths.broadcast_baselines(baselines, images),
+        broadcast_baselines(baselines, images),
         config,
     )
 
 
-register_method(
-    MethodInfo(
+def guided_ig(
+    model,
+    images: Float[Array, "b h w 3"],
+    targets=None,
+    *,
+    baselines: Float[Array, "*f"] | None = None,
+    config: GuidedIGConfig = GuidedIGConfig(),
+    key: jax.Array | None = None,
+) -> Float[Array, "b h w 3"]:
+    """Guided IG of each image's target (default: its predicted class).
+
+    `baselines`: an optional array broadcastable to the images (per image, one image, a colour);
+    otherwise `config.baseline` names one (PAIR's default is black; 'uniform' needs `key`)."""
+    return run_compiled(_guided_ig, GuidedIGConfig, model, images, targets, config=config, key=key, baselines=baselines)
+
+
+register(
+    MethodSpec(
         "guided_ig",
         guided_ig,
         GuidedIGConfig,
-        heatmaps.grayscale,
         "Guided Integrated Gradients (PAIR saliency): an adaptive path moving low-gradient features first",
+        saliency=maps.abs_sum,
+        contrast=Contrast("min", 99.0),
+        takes_baselines=True,
     )
 )

@@ -12,95 +12,115 @@ Gauss-Legendre weights (a ~1e-8 relative difference, visible only in float64).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
+from typing import Literal
 
+import jax
 from jaxtyping import Array, Float
 
-from jaxattr import heatmaps, paths
-from jaxattr.methods._common import OUTPUTS, Output, attribution_method, resolve_targets
-from jaxattr.methods.registry import MethodInfo, register_method
-from jaxattr.models import Model
+from jaxattr import maps, paths
+from jaxattr.config import Config, ConfigError, config, integer, number, optional, static
+from jaxattr.maps import Contrast
+from jaxattr.methods._common import Output, path_scores, require_model, resolve_targets
+from jaxattr.methods.base import MethodSpec, register, run_compiled
+from jaxattr.methods.baselines import Baseline, baseline_images, broadcast_baselines
+
+Rule = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "pair", "igos"]
 
 
-@dataclasses.dataclass(frozen=True)
-class IntegratedGradientsConfig:
+@config
+class IntegratedGradientsConfig(Config):
     """captum `IntegratedGradients.attribute` defaults."""
 
-    steps: int = 50  # captum n_steps
-    rule: str = "gausslegendre"  # one of jaxattr.paths.RULES (captum's method names, 'pair', 'igos')
-    baseline: str = "black"  # one of jaxattr.paths.BASELINES; a `baselines=` array overrides it
+    steps: int = static(50, integer(1))  # captum n_steps (each rule has its minimum)
+    rule: Rule = static("gausslegendre")  # captum's method names, PAIR's 'pair', I-GOS's 'igos'
+    baseline: Baseline = static("black")  # a `baselines=` array overrides it
     # Steps evaluated per gradient batch: memory, never results (captum's internal_batch_size /
     # batch size). None: all steps at once.
-    chunk: int | None = None
-    output: Output = "logit"  # differentiate the target's logit or its softmax probability
-    blur_sigma: float = 50.0  # sigma of the 'blur' baseline (Blur IG's max_sigma)
+    chunk: int | None = static(None, optional(integer(1)))
+    output: Output = static("logit")  # differentiate the target's logit or its softmax probability
+    blur_sigma: float = static(50.0, number(0))  # sigma of the 'blur' baseline (Blur IG's max_sigma)
 
-    def __post_init__(self):
-        paths.check_rule(self.rule, self.steps)
-        paths.check_baseline(self.baseline)
-        paths.check_chunk(self.chunk)
-        if self.output not in OUTPUTS:
-            raise ValueError(f"unknown output {self.output!r}; expected one of {OUTPUTS}")
-
-
-@dataclasses.dataclass(frozen=True)
-class GnlIGConfig(IntegratedGradientsConfig):
-    """GNL's settings (gnl.md §2.5): 50 Gauss-Legendre nodes, the logit, and captum's zero baseline
-    on normalised inputs, which in pixel space is the model's mean colour."""
-
-    baseline: str = "mean"
+    def validate_fields(self) -> None:
+        try:
+            paths.check_rule(self.rule, self.steps)
+        except ValueError as e:
+            raise ConfigError("steps", str(e)) from None
 
 
+@jax.jit
 def _straight_line_ig(forward, images, targets, key, config: IntegratedGradientsConfig, baselines):
     targets = resolve_targets(forward, images, targets)
     if baselines is None:
-        baselines = paths.baseline_images(config.baseline, forward, images, key=key, blur_sigma=config.blur_sigma)
-    path = paths.StraightLine(paths.broadcast_baselines(baselines, images), images)
+        baselines = baseline_images(config.baseline, forward, images, key=key, blur_sigma=config.blur_sigma)
+    path = paths.StraightLine(broadcast_baselines(baselines, images), images)
     rule = paths.quadrature(config.rule, config.steps)
-    return paths.integrate(forward, path, targets, rule, output=config.output, chunk=config.chunk)
+    return paths.integrate(path_scores(forward, targets, config.output), path, rule, chunk=config.chunk)
 
 
-@attribution_method(IntegratedGradientsConfig)
 def integrated_gradients(
-    forward, images, targets, key, *, config: IntegratedGradientsConfig, baselines=None
-) -> Float[Array, "b h w c"]:
+    model,
+    images: Float[Array, "b h w 3"],
+    targets=None,
+    *,
+    baselines: Float[Array, "*f"] | None = None,
+    config: IntegratedGradientsConfig = IntegratedGradientsConfig(),
+    key: jax.Array | None = None,
+) -> Float[Array, "b h w 3"]:
     """Integrated Gradients of each image's target (default: its predicted class).
 
     `baselines`: an optional array broadcastable to the images (per image, one image, a colour);
     otherwise `config.baseline` names one ('uniform' needs `key`)."""
-    return _straight_line_ig(forward, images, targets, key, config, baselines)
+    return run_compiled(
+        _straight_line_ig, IntegratedGradientsConfig, model, images, targets, config=config, key=key, baselines=baselines
+    )
 
 
-@attribution_method(GnlIGConfig)
-def gnl_ig(forward, images, targets, key, *, config: GnlIGConfig, baselines=None) -> Float[Array, "b h w c"]:
-    """Integrated Gradients with Guided Non-Linearity: IG on `forward.with_nonlinearity("guided")`.
+@config
+class GnlIGConfig(IntegratedGradientsConfig):
+    """GNL's settings (gnl.md §2.5): 50 Gauss-Legendre nodes, the logit, and captum's zero baseline
+    on normalised inputs, which in pixel space is the model's mean colour."""
+
+    baseline: Baseline = static("mean")
+
+
+def gnl_ig(
+    model,
+    images: Float[Array, "b h w 3"],
+    targets=None,
+    *,
+    baselines: Float[Array, "*f"] | None = None,
+    config: GnlIGConfig = GnlIGConfig(),
+    key: jax.Array | None = None,
+) -> Float[Array, "b h w 3"]:
+    """Integrated Gradients with Guided Non-Linearity: IG on `model.with_nonlinearity("guided")`.
 
     Targets default to the predicted class (the guided rules leave the forward pass unchanged)."""
-    if not isinstance(forward, Model):
-        raise TypeError(
-            f"gnl_ig switches the model's ReLU/max-pool backward rules: pass a jaxattr Model, "
-            f"got {type(forward).__name__}"
-        )
-    return _straight_line_ig(forward.with_nonlinearity("guided"), images, targets, key, config, baselines)
+    guided = require_model(model, "gnl_ig", "switches the model's ReLU/max-pool backward rules").with_nonlinearity("guided")
+    return run_compiled(_straight_line_ig, GnlIGConfig, guided, images, targets, config=config, key=key, baselines=baselines)
 
 
-register_method(
-    MethodInfo(
+register(
+    MethodSpec(
         "integrated_gradients",
         integrated_gradients,
         IntegratedGradientsConfig,
-        heatmaps.grayscale,
         "path integral of the gradient from a baseline to the image (captum defaults)",
+        saliency=maps.abs_sum,
+        contrast=Contrast("min", 99.0),
+        takes_baselines=True,
     )
 )
-register_method(
-    MethodInfo(
+register(
+    MethodSpec(
         "gnl_ig",
         gnl_ig,
         GnlIGConfig,
-        # GNL's |sum_c a| with display contrast; GNL's own map is heatmaps.abs_channel_sum(a).
-        functools.partial(heatmaps.abs_channel_sum, percentile=99.0),
         "Integrated Gradients with guided ReLU/max-pool backward rules (GNL)",
+        # GNL's map |sum_c a|; it divides by the maximum, the display clips at the 99th percentile
+        # (the raw maximum is one dot on the embedded model).
+        saliency=maps.abs_of_sum,
+        contrast=Contrast("zero", 99.0),
+        needs_model=True,
+        takes_baselines=True,
     )
 )

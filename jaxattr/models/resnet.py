@@ -57,6 +57,7 @@ def _shortcut(block: BasicBlock | Bottleneck, x: Array) -> Array:
 
 
 class ResNet(Classifier):
+    feature_layer = "layer4"
     block: str = "bottleneck"  # "basic" or "bottleneck"
     depths: Sequence[int] = (3, 4, 6, 3)
     num_classes: int = 1000
@@ -112,7 +113,6 @@ for _name, (_block, _depths, _file, _resize) in _CONFIGS.items():
             weights_file=_file,
             weights_url=f"https://download.pytorch.org/models/{_file}",
             resize_size=_resize,
-            feature_layer="layer4",
             description=f"torchvision {_name}, ImageNet-1k (DEFAULT weights)",
         )
     )

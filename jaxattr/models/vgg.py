@@ -45,6 +45,7 @@ def flatten_nchw(x: Float[Array, "b h w c"]) -> Float[Array, "b chw"]:
 
 
 class VGG(Classifier):
+    feature_layer = "features"  # its last module, the final max-pool (pytorch-grad-cam's choice)
     config: Sequence[int | str] = CONFIGS["D"]
     batch_norm: bool = False
     num_classes: int = 1000
@@ -102,7 +103,6 @@ for _name, (_config, _bn, _file) in _MODELS.items():
             ),
             weights_file=_file,
             weights_url=f"https://download.pytorch.org/models/{_file}",
-            feature_layer="features",  # its last module, the final max-pool (pytorch-grad-cam's choice)
             description=f"torchvision {_name}, ImageNet-1k (DEFAULT weights)",
         )
     )

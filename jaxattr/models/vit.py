@@ -1,5 +1,5 @@
 """Vision Transformers: torchvision `vit_b_16`, `vit_b_32` and timm `vit_small_patch16_224`,
-`vit_base_patch16_224`, and access to their attention for attribution methods.
+`vit_base_patch16_224`.
 
 One implementation serves both sources; they compute the same function (pre-norm blocks,
 LayerNorm eps 1e-6, exact GELU, scale head_dim^-0.5, class-token pooling) and differ only in
@@ -7,39 +7,29 @@ module names, which follow each source so that parameters map onto its state_dic
 (`_NAMES`). torchvision's `nn.MultiheadAttention` keeps its packed `in_proj_weight` /
 `in_proj_bias` as parameters in torch's layout; timm's `qkv` is an ordinary Linear.
 
-Attention internals (IIA, attention rollout): every block's post-softmax attention is
-
-* recorded with `sow` in the "intermediates" collection,
-* offset by a zero `perturb`ation (collection "perturbations"), whose gradient is the gradient
-  with respect to the attention,
-* replaceable by a given array through the "attention_override" collection; the replaced
-  attention is an input, so nothing flows back to that block's queries and keys.
-
-`attention_maps` and `attention_gradients` wrap these collections; methods never see Flax.
+Every block's post-softmax attention is an intervention site (`<block>.<attention>.attention`,
+listed in block order by `attention_sites`): it can be read, replaced by a constant (IIA fixes the
+last block's attention along its path; nothing then flows back to that block's queries and keys)
+or perturbed to get the gradient with respect to the attention.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
-from jaxattr.models._classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, Stage
-from jaxattr.models._model import Model, check_images
+from jaxattr.models._classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, Stage, site
+from jaxattr.models._model import Model
 from jaxattr.models.registry import ModelInfo, register
 from jaxattr.nn import Conv2d, LayerNorm, Linear, gelu
 from jaxattr.resize import resize
-from jaxattr.scores import select_scores
 
-ATTENTION = "attention"  # variable name of the attention in every collection below
-OVERRIDE_COLLECTION = "attention_override"
-PERTURBATION_COLLECTION = "perturbations"
-INTERMEDIATES_COLLECTION = "intermediates"
+ATTENTION = "attention"  # the site's variable name inside each attention module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +115,7 @@ class SelfAttention(nn.Module):
         # Both sources lay the 3d outputs out as (q|k|v, head, head_dim).
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
         scores = (q * head_dim**-0.5) @ k.swapaxes(-1, -2)
-        attention = jax.nn.softmax(scores, axis=-1)
-        if self.has_variable(OVERRIDE_COLLECTION, ATTENTION):
-            attention = self.get_variable(OVERRIDE_COLLECTION, ATTENTION).astype(x.dtype)
-        attention = self.perturb(ATTENTION, attention, collection=PERTURBATION_COLLECTION)
-        self.sow(INTERMEDIATES_COLLECTION, ATTENTION, attention)
+        attention = site(self, ATTENTION, jax.nn.softmax(scores, axis=-1))
         out = (attention @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
         return Linear(d, name=names.out_projection)(out)
 
@@ -178,9 +164,19 @@ class VisionTransformer(Classifier):
     def block_name(self, index: int) -> str:
         return _NAMES[self.naming].block.format(index)
 
-    def attention_path(self, index: int) -> tuple[str, str]:
-        """Module path of block `index`'s attention, where its collections' variables live."""
-        return self.block_name(index), _NAMES[self.naming].attention
+    @property
+    def feature_layer(self) -> str:
+        # The last block's input tokens (pytorch-grad-cam's ViT recipe taps blocks[-1].norm1): of
+        # the last block's output only the class token reaches the head.
+        return self.block_name(self.depth - 2)
+
+    def attention_site(self, index: int) -> str:
+        """The site of block `index`'s post-softmax attention."""
+        return f"{self.block_name(index)}.{_NAMES[self.naming].attention}.{ATTENTION}"
+
+    def internal_sites(self) -> dict[str, tuple[tuple[str, ...], str]]:
+        attention = _NAMES[self.naming].attention
+        return {self.attention_site(i): ((self.block_name(i), attention), ATTENTION) for i in range(self.depth)}
 
     def stages(self) -> list[Stage]:
         if self.nonlinearity != "standard":
@@ -271,135 +267,13 @@ def _position_resizer(naming: Naming, patch_size: int):
     return resize_params
 
 
-# ------------------------------------------------------------------------- attention access
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["attention"], meta_fields=["block"])
-@dataclasses.dataclass(frozen=True)
-class AttentionOverride:
-    """Replace block `block`'s post-softmax attention by `attention` (b, heads, n, n).
-
-    Negative blocks count from the end (-1: the last block, the one IIA fixes)."""
-
-    block: int
-    attention: Float[Array, "b heads n n"]
-
-
-def _vit(model: Model) -> VisionTransformer:
+def attention_sites(model: Model) -> tuple[str, ...]:
+    """The attention site of every block of a ViT `model`, in block order."""
     if not isinstance(model.module, VisionTransformer):
         raise TypeError(
-            f"expected a ViT model, got {type(model.module).__name__} ({model.name or 'unnamed'})"
+            f"{model.name or type(model.module).__name__} is not a Vision Transformer: it has no attention sites"
         )
-    return model.module
-
-
-def _checked_override(
-    vit: VisionTransformer, images: Array, override: AttentionOverride | None
-) -> AttentionOverride | None:
-    """The override with a non-negative block index (one compilation for -1 and depth - 1)."""
-    if override is None:
-        return None
-    if not isinstance(override, AttentionOverride):
-        raise TypeError(f"override must be an AttentionOverride, got {type(override).__name__}")
-    if not -vit.depth <= override.block < vit.depth:
-        raise ValueError(f"override block {override.block} out of range for a ViT with {vit.depth} blocks")
-    expected = (images.shape[0], vit.num_heads, vit.num_tokens, vit.num_tokens)
-    if tuple(override.attention.shape) != expected:
-        raise ValueError(
-            f"override attention must have shape {expected} (b, heads, n, n), got {override.attention.shape}"
-        )
-    return dataclasses.replace(override, block=override.block % vit.depth)
-
-
-def _at_blocks(vit: VisionTransformer, values: dict[int, Array]) -> dict:
-    """A variable collection holding `values[i]` as block i's attention variable."""
-    tree: dict = {}
-    for i, value in values.items():
-        block, attention = vit.attention_path(i)
-        tree.setdefault(block, {})[attention] = {ATTENTION: value}
-    return tree
-
-
-def _stack_blocks(vit: VisionTransformer, tree: dict, *, sown: bool = False) -> Array:
-    """(blocks, ...) array of the attention variables in `tree`, in block order."""
-    leaves = []
-    for i in range(vit.depth):
-        block, attention = vit.attention_path(i)
-        leaf = tree[block][attention][ATTENTION]
-        leaves.append(leaf[0] if sown else leaf)  # sow stores a tuple of the values
-    return jnp.stack(leaves)
-
-
-def _forward(
-    model: Model, images: Array, override: AttentionOverride | None, perturbations: dict | None
-) -> tuple[Float[Array, "b k"], Float[Array, "blocks b heads n n"]]:
-    vit = model.module
-    variables = {"params": model.params}
-    if override is not None:
-        variables[OVERRIDE_COLLECTION] = _at_blocks(vit, {override.block: override.attention})
-    if perturbations is not None:
-        variables[PERTURBATION_COLLECTION] = perturbations
-    logits, state = vit.apply(variables, images, mutable=[INTERMEDIATES_COLLECTION])
-    return logits, _stack_blocks(vit, state[INTERMEDIATES_COLLECTION], sown=True)
-
-
-@jax.jit
-def _attention_maps(model: Model, images: Array, override: AttentionOverride | None):
-    return _forward(model, images, override, None)
-
-
-def attention_maps(
-    model: Model, images: Float[Array, "b h w 3"], *, override: AttentionOverride | None = None
-) -> tuple[Float[Array, "b k"], Float[Array, "blocks b heads n n"]]:
-    """(logits, post-softmax attention of every block) in one forward pass.
-
-    With `override`, that block's attention is replaced (and reported as the override)."""
-    vit = _vit(model)
-    check_images(images)
-    override = _checked_override(vit, images, override)
-    return _attention_maps(model, images, override)
-
-
-@functools.partial(jax.jit, static_argnames="output")
-def _attention_gradients(model: Model, images: Array, targets: Array, override, output: str):
-    vit = model.module
-    shape = (images.shape[0], vit.num_heads, vit.num_tokens, vit.num_tokens)
-    zeros = _at_blocks(vit, {i: jnp.zeros(shape, images.dtype) for i in range(vit.depth)})
-
-    def summed_scores(perturbations):
-        logits, attention = _forward(model, images, override, perturbations)
-        # Images do not interact, so the gradient of the sum is each image's own gradient.
-        return select_scores(logits, targets, output).sum(), (logits, attention)
-
-    grads, (logits, attention) = jax.grad(summed_scores, has_aux=True)(zeros)
-    return logits, attention, _stack_blocks(vit, grads)
-
-
-def attention_gradients(
-    model: Model,
-    images: Float[Array, "b h w 3"],
-    targets: Int[Array, " b"] | int,
-    *,
-    output: Literal["logit", "probability"] = "logit",
-    override: AttentionOverride | None = None,
-) -> tuple[Float[Array, "b k"], Float[Array, "blocks b heads n n"], Float[Array, "blocks b heads n n"]]:
-    """(logits, attention, d score / d attention) for every block.
-
-    score = the target's logit (or softmax probability). With `override`, the overridden block's
-    attention is the given array and its gradient is the gradient with respect to that array."""
-    vit = _vit(model)
-    check_images(images)
-    override = _checked_override(vit, images, override)
-    if output not in ("logit", "probability"):
-        raise ValueError(f"unknown output {output!r}; expected 'logit' or 'probability'")
-    targets = jnp.asarray(targets)
-    if targets.shape not in ((), (images.shape[0],)) or not jnp.issubdtype(targets.dtype, jnp.integer):
-        raise ValueError(
-            f"targets must be an int or {images.shape[0]} integer class indices, "
-            f"got shape {targets.shape} dtype {targets.dtype}"
-        )
-    targets = jnp.broadcast_to(targets.astype(jnp.int32), (images.shape[0],))
-    return _attention_gradients(model, images, targets, override, output)
+    return tuple(model.module.attention_site(i) for i in range(model.module.depth))
 
 
 # --------------------------------------------------------------------------------- registry
@@ -444,9 +318,6 @@ def _register(name: str, source: Naming, *, patch: int, width: int, heads: int, 
             weights_url=weights_url,
             resize_size=resize_size,
             interpolation=interpolation,
-            # The last block's input tokens (pytorch-grad-cam's ViT recipe taps blocks[-1].norm1):
-            # of the last block's output only the class token reaches the head.
-            feature_layer=_NAMES[source].block.format(depth - 2),
             legacy_keys=_torchvision_legacy_key if source == "torchvision" else None,
             resize_params=_position_resizer(source, patch),
             description=f"{source} {name}, ImageNet-1k",

@@ -1,0 +1,86 @@
+"""The `jaxattr` command line: one module per command (`explain`, `models`, `convert`,
+`crosscheck`), each with `add_parser` and `run(args) -> exit status`.
+
+`main(argv) -> exit status`. PyTorch is imported only by `convert --verify/--random-init` and by
+`crosscheck` (through the `converters` package), so `jaxattr explain` runs on the core install.
+Every failure a user can cause is one line on stderr (`jaxattr: error: ...`, exit 1) or a usage
+error (exit 2); an interrupted run exits 130 and resumes when run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from typing import Sequence
+
+from jaxattr.cli import convert, crosscheck, explain, models
+from jaxattr.cli._common import CliError, config_flags
+from jaxattr.methods import list_methods
+from jaxattr.models import WeightsError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit status 2) that point to --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(method: str | None = explain.DEFAULT_METHOD) -> argparse.ArgumentParser:
+    """The argument parser; `explain` gets the config options of `method` (none if None)."""
+    parser = _Parser(prog="jaxattr", description="Saliency maps for image classifiers, in JAX.", allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    models.add_parser(commands)
+    explain.add_parser(commands, method)
+    convert.add_parser(commands)
+    crosscheck.add_parser(commands)
+    return parser
+
+
+def _requested_method(argv: Sequence[str]) -> str:
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--method", default=explain.DEFAULT_METHOD)
+    return pre.parse_known_args(argv)[0].method
+
+
+def _unknown_arguments_message(args: argparse.Namespace, unknown: list[str]) -> str:
+    """Name the method an option belongs to when it is another method's config option."""
+    if args.command == "explain":
+        owners = collections.defaultdict(list)
+        for method in list_methods():
+            for flag in config_flags(method):
+                owners[flag].append(method)
+        for arg in unknown:
+            flag = arg.split("=", 1)[0]
+            if flag in owners:
+                return (
+                    f"{args.method} has no option {flag} (an option of {', '.join(owners[flag])}); "
+                    f"options of {args.method}: {', '.join(config_flags(args.method)) or 'none'}"
+                )
+    return f"unrecognized arguments: {' '.join(unknown)}"
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    method = _requested_method(argv)
+    parser = build_parser(method if method in list_methods() else None)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.parser.error(_unknown_arguments_message(args, unknown))  # the subcommand's usage
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+        return args.run(args)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
+    except (CliError, WeightsError) as e:
+        print(f"jaxattr: error: {e}", file=sys.stderr)
+        return getattr(e, "status", 1)
+    except KeyboardInterrupt:
+        print("\njaxattr: interrupted; finished outputs are kept, run the same command to resume", file=sys.stderr)
+        return 130

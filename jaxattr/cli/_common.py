@@ -1,0 +1,165 @@
+"""What the commands share: the user-facing error, extras hints, tables, and method options
+generated from config classes."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import types
+import typing
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattr.config import ConfigError, literal_choices
+from jaxattr.methods import Method, list_methods, method_spec
+from jaxattr.models import model_info
+from jaxattr.models.registry import ModelInfo
+
+# Modules of the optional extras; a missing one means "install the extra", not a bug.
+_OPTIONAL_MODULES = frozenset({"torch", "torchvision", "timm", "safetensors", "captum", "saliency", "scipy"})
+CONFIG_DEST = "config:"  # argparse dest prefix of the method's config options
+_SCALAR_TYPES = (int, float, str)
+_METAVARS = {int: "N", float: "X", str: "NAME"}
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as `jaxattr: error: ...`, exit status `status`."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def lookup_model(name: str) -> ModelInfo:
+    try:
+        return model_info(name)
+    except ValueError as e:
+        raise CliError(f"{e} (see `jaxattr models`)") from None
+
+
+@contextlib.contextmanager
+def needs_extra(extra: str, command: str) -> Iterator[None]:
+    """Turn a missing optional dependency into an install hint."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in _OPTIONAL_MODULES:
+            raise
+        raise CliError(
+            f"`jaxattr {command}` needs PyTorch and friends: pip install 'jaxattr[{extra}]' ({e})"
+        ) from None
+
+
+def random_images(seed: int, batch: int, size: int) -> np.ndarray:
+    return np.asarray(jax.random.uniform(jax.random.key(seed), (batch, size, size, 3), jnp.float32))
+
+
+def count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------- options from configs
+
+
+def flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _base_method(text: str) -> Method:
+    """--base NAME: a registered method (one that wraps no other) with its defaults."""
+    try:
+        spec = method_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec.build()
+
+
+def _option_spec(annotation: Any) -> dict[str, Any] | None:
+    """argparse keywords for a config field of type `annotation` (Optional[X] is treated as X);
+    None for types with no command-line form."""
+    choices = literal_choices(annotation)
+    if choices is not None:
+        choices = tuple(c for c in choices if c is not None)
+        return {"type": type(choices[0]), "choices": choices}
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(inner) == 1:
+            annotation = inner[0]
+    origin, params = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if annotation is Method:
+        names = [m for m in list_methods() if not method_spec(m).wraps]
+        return {"type": _base_method, "metavar": "METHOD", "help_choices": names}
+    if origin is tuple and len(params) == 2 and params[1] is Ellipsis and params[0] in _SCALAR_TYPES:
+        return {"type": params[0], "nargs": "+", "metavar": _METAVARS[params[0]]}
+    if annotation in _SCALAR_TYPES:
+        return {"type": annotation, "metavar": _METAVARS[annotation]}
+    return None
+
+
+def config_options(method: str) -> list[tuple[str, dict[str, Any], Any]]:
+    """(field name, argparse keywords, default) of each config field settable from the command
+    line; the others keep their defaults."""
+    config_cls = method_spec(method).config
+    hints = typing.get_type_hints(config_cls)
+    defaults = config_cls()
+    options = []
+    for field in dataclasses.fields(config_cls):
+        spec = _option_spec(hints[field.name]) if field.init else None
+        if spec is not None:
+            options.append((field.name, spec, getattr(defaults, field.name)))
+    return options
+
+
+def config_flags(method: str) -> list[str]:
+    return [flag(name) for name, _, _ in config_options(method)]
+
+
+def _default_text(default: Any) -> str:
+    return default.spec.name if isinstance(default, Method) else str(default)
+
+
+def add_config_options(parser: argparse.ArgumentParser, method: str) -> None:
+    """One option per field of `method`'s config; only options given on the command line reach the
+    config (default=SUPPRESS), so the config class stays the one source of defaults."""
+    group = parser.add_argument_group(f"options of {method} (defaults: the method's reference settings)")
+    for name, spec, default in config_options(method):
+        spec = dict(spec)
+        choices = spec.pop("help_choices", None)
+        help_text = f"default: {_default_text(default)}" + (f"; one of {', '.join(choices)}" if choices else "")
+        group.add_argument(flag(name), dest=CONFIG_DEST + name, default=argparse.SUPPRESS, help=help_text, **spec)
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The method options given on the command line (nargs='+' lists become tuples)."""
+    return {
+        key[len(CONFIG_DEST) :]: tuple(value) if isinstance(value, list) else value
+        for key, value in vars(args).items()
+        if key.startswith(CONFIG_DEST)
+    }
+
+
+def config_error(error: ConfigError) -> CliError:
+    """A config error as a one-line usage error naming the flag (exit status 2)."""
+    return CliError(f"argument {flag(error.field)}: {error}", status=2)
+

@@ -1,0 +1,57 @@
+"""`jaxattr crosscheck`: a method against its PyTorch reference on the same model and images."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import jax
+
+from jaxattr.cli._common import CliError, count, lookup_model, needs_extra, positive_int, random_images
+from jaxattr.image import ImageLoadError, load_batch
+
+
+def add_parser(commands) -> None:
+    cc = commands.add_parser(
+        "crosscheck", help="compare a method with its PyTorch reference implementation (needs jaxattr[dev])", allow_abbrev=False
+    )
+    cc.add_argument("method", help="method with a PyTorch reference")
+    cc.add_argument("--model", required=True, metavar="ARCH", help="registered model")
+    cc.add_argument("--random-init", action="store_true", help="random weights (offline) instead of pretrained")
+    cc.add_argument("--dtype", choices=("float32", "float64"), help="default: the reference's")
+    cc.add_argument("--images", nargs="+", type=Path, metavar="FILE", help="image files (default: random images)")
+    cc.add_argument("--image-size", type=positive_int, metavar="N", help="image size (default: the model's)")
+    cc.add_argument("--batch", type=positive_int, default=2, metavar="N", help="random images (default 2)")
+    cc.add_argument("--seed", type=int, default=0, metavar="N", help="seed of random weights and images (default 0)")
+    cc.set_defaults(run=run, parser=cc)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = lookup_model(args.model)
+    size = args.image_size or info.image_size
+    if args.images:
+        try:
+            images = load_batch(args.images, info, size)
+        except ImageLoadError as e:
+            raise CliError(str(e)) from None
+        described = count(len(images), "image file")
+    else:
+        images = random_images(args.seed, args.batch, size)
+        described = count(args.batch, "random image")
+    with needs_extra("dev", "crosscheck"), jax.default_matmul_precision("highest"):
+        from converters import crosscheck
+
+        references = crosscheck.references()
+        if args.method not in references:
+            raise CliError(f"no PyTorch reference for {args.method!r}; cross-checkable: {', '.join(references)}")
+        model, torch_model = crosscheck.twin_models(args.model, random_init=args.random_init, seed=args.seed)
+        try:
+            result = crosscheck.run(args.method, model, torch_model, images, dtype=args.dtype)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    weights = f"random weights (seed {args.seed})" if args.random_init else "pretrained weights"
+    inputs = f"{described} {size}x{size}"
+    print(f"{args.method} on {args.model}, {weights}, {result.dtype}, {inputs}, vs {result.reference}")
+    verdict = "ok" if result.ok else "EXCEEDED"
+    print(f"max_rel_diff={result.max_rel_diff:.3e} tolerance={result.tolerance:.0e} {verdict}")
+    return 0 if result.ok else 1

@@ -1,0 +1,204 @@
+"""Method configs: frozen dataclasses that are pytrees, with one validator.
+
+A config field is either
+
+* `static`: it decides shapes or program structure (step counts, rule and layer names, chunk
+  sizes). It is part of the pytree's structure, so each value compiles its own program;
+* `traced`: a continuous hyper-parameter (a noise level, a regularisation weight). It is a pytree
+  leaf, so a jit-compiled method takes it as a runtime scalar and a sweep over it compiles once.
+
+Each field may carry a `Check`; `Literal` annotations are checked against their choices. A config
+validates itself when built (`ConfigError`, a ValueError naming the field), and
+`Config.validate_fields` holds cross-field rules. Traced values are only checked while concrete:
+inside a trace they are tracers, and JAX rebuilds configs with arbitrary leaves when it maps over
+pytrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import types
+import typing
+from typing import Any, Callable, Literal
+
+import jax
+import numpy as np
+
+_TRACED = "jaxattr_traced"
+_CHECK = "jaxattr_check"
+
+
+class ConfigError(ValueError):
+    """An invalid config value. `field` names the offending field (for the CLI's flag names)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A predicate on a field's value and the phrase completing "must be ..."."""
+
+    accepts: Callable[[Any], bool]
+    description: str
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def integer(minimum: int | None = None, maximum: int | None = None) -> Check:
+    """An int in [minimum, maximum] (either bound optional)."""
+    bounds = _bounds_text(minimum, maximum, False)
+    return Check(
+        lambda v: _is_int(v)
+        and (minimum is None or v >= minimum)
+        and (maximum is None or v <= maximum),
+        f"an integer{bounds}",
+    )
+
+
+def number(
+    minimum: float | None = None, maximum: float | None = None, *, exclusive_minimum: bool = False
+) -> Check:
+    """A finite real number in [minimum, maximum] ((minimum, maximum] with exclusive_minimum)."""
+    bounds = _bounds_text(minimum, maximum, exclusive_minimum)
+
+    def accepts(v):
+        if not _is_real(v) or not math.isfinite(v):
+            return False
+        if minimum is not None and (v <= minimum if exclusive_minimum else v < minimum):
+            return False
+        return maximum is None or v <= maximum
+
+    return Check(accepts, f"a finite number{bounds}")
+
+
+def optional(check: Check) -> Check:
+    """None or a value `check` accepts."""
+    return Check(lambda v: v is None or check.accepts(v), f"None or {check.description}")
+
+
+def _bounds_text(minimum, maximum, exclusive_minimum) -> str:
+    if minimum is not None and maximum is not None and not exclusive_minimum:
+        return f" in [{minimum}, {maximum}]"
+    parts = []
+    if minimum is not None:
+        parts.append(f"{'>' if exclusive_minimum else '>='} {minimum}")
+    if maximum is not None:
+        parts.append(f"<= {maximum}")
+    return " " + " and ".join(parts) if parts else ""
+
+
+def static(default: Any, check: Check | None = None) -> Any:
+    """A structural field: part of the compiled program (one compilation per value)."""
+    return dataclasses.field(default=default, metadata={_TRACED: False, _CHECK: check})
+
+
+def traced(default: Any, check: Check | None = None) -> Any:
+    """A continuous hyper-parameter: a runtime scalar of the compiled program."""
+    return dataclasses.field(default=default, metadata={_TRACED: True, _CHECK: check})
+
+
+def _is_concrete(value: Any) -> bool:
+    """Whether a traced field holds a value to check now: a number, a string or a concrete scalar
+    array, not a tracer or a placeholder JAX put there while mapping over pytrees."""
+    if isinstance(value, jax.core.Tracer):
+        return False
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        return np.ndim(value) == 0
+    return isinstance(value, (numbers.Number, str))
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, (jax.Array, np.ndarray, np.generic)) else value
+
+
+class Config:
+    """Base of every method config (see the module docstring); subclasses are built with `@config`."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        concrete = True
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.metadata.get(_TRACED):
+                if not _is_concrete(value):
+                    concrete = False
+                    continue
+                value = _scalar(value)
+            _check_field(type(self).__name__, field, hints.get(field.name), value)
+        if concrete:
+            self.validate_fields()
+
+    def validate_fields(self) -> None:
+        """Cross-field rules (raise ConfigError); fields have been checked one by one already."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain data (nested values with a `to_dict` rendered through it), for
+        summaries and reports."""
+        return {
+            f.name: (v.to_dict() if hasattr(v := getattr(self, f.name), "to_dict") else v)
+            for f in dataclasses.fields(self)
+        }
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with `changes` applied and validated; an unknown name is a ConfigError."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ConfigError(
+                unknown[0], f"{type(self).__name__} has no option {', '.join(unknown)}; options: {', '.join(sorted(names))}"
+            )
+        return dataclasses.replace(self, **changes)
+
+
+def _check_field(owner: str, field: dataclasses.Field, annotation: Any, value: Any) -> None:
+    choices = literal_choices(annotation)
+    if choices is not None and value not in choices:
+        raise ConfigError(field.name, f"unknown {field.name} {value!r}; expected one of {choices}")
+    if annotation is bool and not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(field.name, f"{field.name} must be True or False, got {value!r}")
+    check = field.metadata.get(_CHECK)
+    if check is not None and not check.accepts(value):
+        raise ConfigError(field.name, f"{field.name} must be {check.description}, got {value!r}")
+
+
+def literal_choices(annotation: Any) -> tuple | None:
+    """The choices of a `Literal[...]` annotation (also inside Optional), else None."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(inner) == 1 and typing.get_origin(inner[0]) is Literal:
+            return (*typing.get_args(inner[0]), None)
+    return None
+
+
+def config(cls: type) -> type:
+    """Make `cls` (a subclass of Config) a frozen dataclass and a pytree whose traced fields are
+    leaves and whose static fields are structure."""
+    if not issubclass(cls, Config):
+        raise TypeError(f"@config classes derive from jaxattr.config.Config; {cls.__name__} does not")
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = dataclasses.fields(cls)
+    unmarked = [f.name for f in fields if _TRACED not in f.metadata]
+    if unmarked:
+        raise TypeError(f"{cls.__name__}: declare {', '.join(unmarked)} with config.static(...) or config.traced(...)")
+    jax.tree_util.register_dataclass(
+        cls,
+        data_fields=[f.name for f in fields if f.metadata[_TRACED]],
+        meta_fields=[f.name for f in fields if not f.metadata[_TRACED]],
+    )
+    return cls
+
+
+def is_traced(field: dataclasses.Field) -> bool:
+    return bool(field.metadata.get(_TRACED))
