@@ -73,7 +73,9 @@ def _flops(model, images, targets, config) -> float:
 
 def bench_model(name: str, args) -> dict:
     torch_model, model = torch_twin(name)
-    images = np.random.RandomState(0).rand(args.batch, args.size, args.size, 3).astype(np.float32)
+    dtype = np.dtype(args.dtype)
+    torch_model, model = torch_model.to(getattr(torch, args.dtype)), model.astype(dtype)
+    images = np.random.RandomState(0).rand(args.batch, args.size, args.size, 3).astype(dtype)
     with torch.no_grad():
         targets = torch_model(to_torch_images(images)).argmax(-1).numpy()
     config = IntegratedGradientsConfig(steps=args.steps, rule=args.rule, chunk=args.chunk)
@@ -125,12 +127,14 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=None, help="steps per gradient batch (default: all at once)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per implementation (best is kept)")
     parser.add_argument("--no-pair", action="store_true", help="skip PAIR saliency (one image at a time)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="of weights and images")
     args = parser.parse_args(argv)
     jax.config.update("jax_default_matmul_precision", "highest")  # what the parity tests use
+    jax.config.update("jax_enable_x64", args.dtype == "float64")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
     print(
-        f"IG, {args.rule} {args.steps} steps, batch {args.batch}, {args.size} px, chunk {args.chunk}; "
+        f"IG, {args.dtype}, {args.rule} {args.steps} steps, batch {args.batch}, {args.size} px, chunk {args.chunk}; "
         f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); {os.cpu_count()} CPUs, load average {_load()}"
     )

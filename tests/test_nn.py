@@ -53,9 +53,9 @@ def _torch_vjp(torch_fn, x, g):
 @pytest.mark.parametrize(
     "in_channels, out_channels, kernel, stride, padding, groups, bias, size",
     [
-        (3, 8, 7, 2, 3, 1, False, (17, 14)),  # ResNet's stem (on CPU: flipped-kernel backward)
-        (8, 8, 3, 1, 1, 1, True, (9, 9)),
-        (8, 16, 3, 2, 1, 1, True, (10, 7)),  # strided: an input-dilated backward
+        (3, 8, 7, 2, 3, 1, False, (17, 14)),  # ResNet's stem (on CPU: the space-to-depth backward)
+        (8, 8, 3, 1, 1, 1, True, (9, 9)),  # (on CPU: the flipped-kernel backward)
+        (8, 16, 3, 2, 1, 1, True, (10, 7)),
         (5, 7, 3, 2, 0, 1, True, (8, 9)),  # the last input row and column are in no window
         (8, 8, 3, 2, 1, 8, False, (11, 12)),  # depthwise (on CPU: the shifted-sum form)
         (6, 6, 5, 2, 2, 6, True, (13, 10)),  # depthwise
@@ -64,6 +64,9 @@ def _torch_vjp(torch_fn, x, g):
         (6, 10, 1, 2, 0, 1, True, (7, 6)),  # strided 1x1 on an odd size: sliced, then a product
         (4, 6, 1, 1, 1, 1, True, (5, 4)),  # padded 1x1: a convolution
         (5, 6, (1, 3), (2, 1), (0, 1), 1, False, (9, 5)),
+        (3, 8, 4, 4, 0, 1, True, (9, 10)),  # ViT's patches: the space-to-depth backward is a product
+        (3, 8, 3, 2, 0, 1, True, (10, 11)),
+        (20, 8, 3, 2, 1, 1, True, (9, 8)),  # strided, many channels: an input-dilated backward
     ],
 )
 def test_conv2d_values_and_gradients_match_torch(rng, in_channels, out_channels, kernel, stride, padding, groups, bias, size):
