@@ -127,10 +127,14 @@ def _input_gradient(g, kernel, x_shape, strides, padding):
         (k - 1 - low, n + low - (o - 1) * s - 1)
         for n, o, k, s, (low, _) in zip(x_shape[1:3], g.shape[1:3], kernel.shape[:2], strides, padding)
     )
-    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
-    return jax.lax.conv_general_dilated(
-        g, flipped, (1, 1), transposed_padding, lhs_dilation=strides, dimension_numbers=_NHWC
-    )
+    swapped = kernel.swapaxes(2, 3)
+    correlate = functools.partial(jax.lax.conv_general_dilated, lhs_dilation=strides, dimension_numbers=_NHWC)
+    if g.size + np.prod(x_shape) < kernel.size:
+        # Deep layers at small batches: flipping g and the result costs less than flipping the
+        # kernel (XLA:CPU's fused flip-and-transpose of a kernel is slow), same products.
+        mirrored = tuple((high, low) for low, high in transposed_padding)
+        return jnp.flip(correlate(jnp.flip(g, (1, 2)), swapped, (1, 1), mirrored), (1, 2))
+    return correlate(g, jnp.flip(swapped, (0, 1)), (1, 1), transposed_padding)
 
 
 # Strided convolutions with fewer input channels than this (the stems reading RGB pixels) take
