@@ -54,7 +54,9 @@ def _torch_vjp(torch_fn, x, g):
     "in_channels, out_channels, kernel, stride, padding, groups, bias, size",
     [
         (3, 8, 7, 2, 3, 1, False, (17, 14)),  # ResNet's stem (on CPU: the space-to-depth backward)
-        (8, 8, 3, 1, 1, 1, True, (9, 9)),  # (on CPU: the flipped-kernel backward)
+        (8, 8, 3, 1, 1, 1, True, (9, 9)),  # few input channels: a matrix-product backward
+        (16, 8, 3, 1, 1, 1, True, (9, 9)),  # (on CPU: the flipped-kernel backward)
+        (3, 5, (3, 5), 1, (0, 2), 1, True, (7, 9)),
         (8, 16, 3, 2, 1, 1, True, (10, 7)),
         (5, 7, 3, 2, 0, 1, True, (8, 9)),  # the last input row and column are in no window
         (8, 8, 3, 2, 1, 8, False, (11, 12)),  # depthwise (on CPU: the shifted-sum form)
