@@ -56,7 +56,11 @@ MAX_PIXELS = 128_000_000
 MAX_SIDE = 32_768
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "RGBa", "PA")
-_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+_FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,  # label images (segmentation masks): values never blended
+}
 
 
 class ImageLoadError(ValueError):
@@ -256,6 +260,15 @@ def preprocess(
         )
     resized = resize_shorter_side(to_rgb(image), resize_size, info.interpolation)
     return to_array(center_crop(resized, crop_size))
+
+
+def preprocess_labels(labels: Image.Image, info: ModelInfo, image_size: int | None = None) -> np.ndarray:
+    """The geometry of the model's eval transform applied to a label image (a segmentation mask
+    of the original image's size): shorter side resized with NEAREST, as torchvision resizes
+    masks, then the centre crop (outside the image: 0). The values as stored: class indices of a
+    palette ("P") image, not its colours; (s, s) for one channel, (s, s, c) for several."""
+    resize_size, crop_size = eval_sizes(info, image_size)
+    return np.asarray(center_crop(resize_shorter_side(labels, resize_size, "nearest"), crop_size))
 
 
 # ------------------------------------------------------------------------------- loading

@@ -4,7 +4,6 @@ a real headless browser (Debian's chromium driven by Playwright) when one is ins
 import csv
 import json
 import math
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 pytest.importorskip("matplotlib")
 pytest.importorskip("jinja2")
 
+from _browser import open_report  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from jaxattr import metrics, report, viz  # noqa: E402
@@ -218,30 +218,12 @@ def test_method_records_from_metric_results(metric_report):
 
 def test_report_in_headless_browser(metric_report, tmp_path):
     """Chromium loads the report without errors, every image resolves, one table row per method."""
-    playwright = pytest.importorskip("playwright.sync_api", reason="no headless browser test: pip install playwright")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no headless browser test: Chromium is not installed (apt-get install chromium)")
     files, records = metric_report
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        errors = []
-        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.on("requestfailed", lambda request: errors.append(f"failed: {request.url}"))
-        page.goto(files.html.resolve().as_uri())
-        page.wait_for_load_state("load")
-        images = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
-        rows = page.locator("#means tbody tr").count()
-        headers = page.locator("#means thead th").all_inner_texts()
-        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-        browser.close()
-    assert errors == []
-    assert len(images) == 3 + 3 + 3 * 2  # curve plots, originals, overlays
-    broken = [src for src, complete, width in images if not (complete and width > 0)]
-    assert broken == []
-    assert rows == len(records)
-    assert headers[0] == "method" and "RISE deletion AUC ↓" in headers
+    page = open_report(files.html, tmp_path / "report.png")
+    assert page.errors == []
+    assert len(page.images) == 3 + 3 + 3 * 2  # curve plots, originals, overlays
+    assert page.broken == []
+    assert page.mean_rows == len(records)
+    assert page.headers[0] == "method" and "RISE deletion AUC ↓" in page.headers
     with Image.open(tmp_path / "report.png") as shot:
         assert shot.size[0] == 1280 and shot.size[1] > 900

@@ -1,5 +1,5 @@
-"""The `jaxattr` command line: one module per command (`explain`, `models`, `convert`,
-`crosscheck`), each with `add_parser` and `run(args) -> exit status`.
+"""The `jaxattr` command line: one module per command (`explain`, `evaluate`, `models`,
+`convert`, `crosscheck`), each with `add_parser` and `run(args) -> exit status`.
 
 `main(argv) -> exit status`. PyTorch is imported only by `convert --verify/--random-init` and by
 `crosscheck` (through the `converters` package), so `jaxattr explain` runs on the core install.
@@ -14,7 +14,7 @@ import collections
 import sys
 from typing import Sequence
 
-from jaxattr.cli import convert, crosscheck, explain, models
+from jaxattr.cli import convert, crosscheck, evaluate, explain, models
 from jaxattr.cli._common import CliError, config_flags
 from jaxattr.methods import list_methods
 from jaxattr.models import WeightsError
@@ -33,6 +33,7 @@ def build_parser(method: str | None = explain.DEFAULT_METHOD) -> argparse.Argume
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     models.add_parser(commands)
     explain.add_parser(commands, method)
+    evaluate.add_parser(commands)
     convert.add_parser(commands)
     crosscheck.add_parser(commands)
     return parser
