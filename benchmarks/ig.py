@@ -1,19 +1,23 @@
 """Integrated Gradients: jaxattr vs captum `IntegratedGradients` vs PAIR saliency `IntegratedGradients`,
 same machine, same random torchvision weights, same images and targets.
 
-    python benchmarks/ig.py                       # ResNet-18 and ResNet-50, 224 px, batch 4, 32 steps
-    python benchmarks/ig.py --models resnet18 --chunk 8
+    PYTHONPATH=. python benchmarks/ig.py          # ResNet-18/50, VGG-16, GoogLeNet; 224 px, batch 4, 32 steps
+    PYTHONPATH=. python benchmarks/ig.py --models resnet18 --chunk 8
 
 Reports seconds per image for each implementation (the best of --repeats rounds, each round
 running every implementation once; jaxattr's compile time is reported separately), the ratios, the agreement of the
-attributions, and the GFLOP/s jaxattr achieves (FLOPs from XLA's cost analysis). Chunking: jaxattr
-evaluates --chunk steps per gradient batch, captum the same points per batch (internal_batch_size
-= chunk x batch), PAIR batch_size = chunk (it explains one image at a time).
+attributions, and the GFLOP/s jaxattr achieves (FLOPs from XLA's cost analysis) against this
+machine's float32 matrix-product peak, measured first (the best of NumPy's and JAX's large sgemm).
+Chunking: jaxattr evaluates --chunk steps per gradient batch, captum the same points per batch
+(internal_batch_size = chunk x batch), PAIR batch_size = chunk (it explains one image at a time).
+The load average is printed with each row: timings on a machine shared with other busy
+processes are not comparable.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -40,6 +44,23 @@ def _timed_rounds(runs: dict, repeats: int) -> tuple[dict, dict]:
     return results, best
 
 
+def sgemm_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of an n x n float32 matrix product, the best of `repeats`, by NumPy (its BLAS)
+    and by JAX (XLA:CPU): this machine's practical peak for dense float32 arithmetic."""
+    rng = np.random.RandomState(0)
+    a, b = rng.rand(n, n).astype(np.float32), rng.rand(n, n).astype(np.float32)
+    a_j, b_j = jax.device_put(a), jax.device_put(b)
+    matmul = jax.jit(lambda x, y: jax.lax.dot(x, y, precision=jax.lax.Precision.HIGHEST))
+    matmul(a_j, b_j).block_until_ready()
+    runs = {"numpy": lambda: a @ b, "jax": lambda: matmul(a_j, b_j).block_until_ready()}
+    _, best = _timed_rounds(runs, repeats)
+    return {name: 2 * n**3 / seconds / 1e9 for name, seconds in best.items()}
+
+
+def _load() -> str:
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def _flops(model, images, targets, config) -> float:
     # XLA's cost analysis counts a loop body once, whatever the trip count: count the unchunked
     # program (the same arithmetic, no loop) instead of the chunked one.
@@ -52,7 +73,9 @@ def _flops(model, images, targets, config) -> float:
 
 def bench_model(name: str, args) -> dict:
     torch_model, model = torch_twin(name)
-    images = np.random.RandomState(0).rand(args.batch, args.size, args.size, 3).astype(np.float32)
+    dtype = np.dtype(args.dtype)
+    torch_model, model = torch_model.to(getattr(torch, args.dtype)), model.astype(dtype)
+    images = np.random.RandomState(0).rand(args.batch, args.size, args.size, 3).astype(dtype)
     with torch.no_grad():
         targets = torch_model(to_torch_images(images)).argmax(-1).numpy()
     config = IntegratedGradientsConfig(steps=args.steps, rule=args.rule, chunk=args.chunk)
@@ -94,7 +117,9 @@ def bench_model(name: str, args) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="resnet18,resnet50", help="comma-separated registered model names")
+    parser.add_argument(
+        "--models", default="resnet18,resnet50,vgg16,googlenet", help="comma-separated registered model names"
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
@@ -102,16 +127,28 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=None, help="steps per gradient batch (default: all at once)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per implementation (best is kept)")
     parser.add_argument("--no-pair", action="store_true", help="skip PAIR saliency (one image at a time)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="of weights and images")
     args = parser.parse_args(argv)
     jax.config.update("jax_default_matmul_precision", "highest")  # what the parity tests use
+    jax.config.update("jax_enable_x64", args.dtype == "float64")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
     print(
-        f"IG, {args.rule} {args.steps} steps, batch {args.batch}, {args.size} px, chunk {args.chunk}; "
+        f"IG, {args.dtype}, {args.rule} {args.steps} steps, batch {args.batch}, {args.size} px, chunk {args.chunk}; "
         f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)"
+        f"({torch.get_num_threads()} threads); {os.cpu_count()} CPUs, load average {_load()}"
     )
-    header = "| model | jaxattr s/img | captum s/img | captum/jaxattr | PAIR s/img | PAIR/jaxattr | jaxattr GFLOP/s | compile s | max_rel_diff vs captum |"
+    peaks = sgemm_peak()
+    peak = max(peaks.values())
+    print(
+        "float32 sgemm peak (2048^3, best of 5): "
+        + ", ".join(f"{name} {gflops:.1f} GFLOP/s" for name, gflops in peaks.items()),
+        flush=True,
+    )
+    header = (
+        "| model | jaxattr s/img | captum s/img | captum/jaxattr | PAIR s/img | PAIR/jaxattr | jaxattr GFLOP/s "
+        "| of sgemm peak | compile s | max_rel_diff vs captum | load |"
+    )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name in args.models.split(","):
@@ -119,7 +156,7 @@ def main(argv=None) -> None:
         pair = f"{r['pair']:.3f} | {r['pair'] / r['jaxattr']:.2f}" if "pair" in r else "- | -"
         print(
             f"| {r['model']} | {r['jaxattr']:.3f} | {r['captum']:.3f} | {r['captum'] / r['jaxattr']:.2f} | {pair} | "
-            f"{r['gflops']:.1f} | {r['compile']:.1f} | {r['max_rel_diff']:.1e} |",
+            f"{r['gflops']:.1f} | {r['gflops'] / peak:.0%} | {r['compile']:.1f} | {r['max_rel_diff']:.1e} | {_load()} |",
             flush=True,
         )
 

@@ -2,8 +2,8 @@
 to the input pixels (the cost unit of every gradient-based attribution). Same machine, same run,
 same random torchvision weights and images.
 
-    python benchmarks/models.py                                   # resnet18,resnet50,vgg16,googlenet
-    python benchmarks/models.py --models resnet18,vgg11 --batch 4 --size 128 --repeats 5
+    PYTHONPATH=. python benchmarks/models.py                      # resnet18,resnet50,vgg16,googlenet
+    PYTHONPATH=. python benchmarks/models.py --models resnet18,vgg11 --batch 4 --size 128 --repeats 5
 
 Each time is the best of --repeats rounds after one untimed warm-up round, the four measurements
 taking turns within a round; JAX compiles before that (compile time reported separately).
@@ -13,13 +13,14 @@ precision. torch.set_num_threads is left at torch's default (one thread per phys
 printed in the header), as a user would run it, unless --torch-threads is given; XLA sizes its own
 thread pool. On a machine shared with other busy processes, torch's OpenMP threads wait at every
 parallel region for a descheduled sibling, which can slow torch many times over: compare on an
-idle machine, or also with --torch-threads 1.
+idle machine, or also with --torch-threads 1; the load average is printed with each row.
 Ratio = torch time / JAX time (> 1: JAX is faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Callable
 
@@ -99,6 +100,10 @@ def bench_model(name: str, batch: int, size: int, repeats: int) -> dict[str, flo
     return {**times, "compile": forward_compile + gradient_compile}
 
 
+def _load() -> str:
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def _cells(torch_seconds: float, jax_seconds: float) -> str:
     """Table cells: torch ms | JAX ms | torch / JAX."""
     return f"{1e3 * torch_seconds:.1f} | {1e3 * jax_seconds:.1f} | {torch_seconds / jax_seconds:.2f}"
@@ -124,11 +129,12 @@ def main(argv=None) -> None:
     print(
         f"batch {args.batch}, {args.size}x{args.size} px, best of {args.repeats}; "
         f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, "
-        f"torch {torch.__version__} on CPU ({torch.get_num_threads()} threads)"
+        f"torch {torch.__version__} on CPU ({torch.get_num_threads()} threads); {os.cpu_count()} CPUs, "
+        f"load average {_load()}"
     )
     header = (
         "| model | torch fwd ms | JAX fwd ms | fwd ratio | torch fwd+bwd ms | JAX fwd+bwd ms | fwd+bwd ratio "
-        "| JAX compile s |"
+        "| JAX compile s | load |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -136,7 +142,7 @@ def main(argv=None) -> None:
         r = bench_model(name.strip(), args.batch, args.size, args.repeats)
         forward = _cells(r["torch_forward"], r["jax_forward"])
         backward = _cells(r["torch_backward"], r["jax_backward"])
-        print(f"| {name.strip()} | {forward} | {backward} | {r['compile']:.1f} |", flush=True)
+        print(f"| {name.strip()} | {forward} | {backward} | {r['compile']:.1f} | {_load()} |", flush=True)
 
 
 if __name__ == "__main__":

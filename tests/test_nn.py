@@ -1,5 +1,7 @@
 """jaxattr.nn primitives against torch, and the guided backward rules against converters.guided."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +33,13 @@ def _vjp(fn, x, g):
     return np.asarray(pullback(jnp.asarray(g))[0])
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _value_and_vjp(fn, primals, g):
+    """(fn(*primals), the cotangents of `primals` for upstream g), compiled as one program."""
+    y, pullback = jax.vjp(fn, *primals)
+    return y, pullback(g)
+
+
 def _torch_vjp(torch_fn, x, g):
     """d<torch_fn(x), g>/dx for NHWC numpy x and g."""
     xt = to_torch_images(x).requires_grad_()
@@ -44,20 +53,62 @@ def _torch_vjp(torch_fn, x, g):
 @pytest.mark.parametrize(
     "in_channels, out_channels, kernel, stride, padding, groups, bias, size",
     [
-        (3, 8, 7, 2, 3, 1, False, (17, 14)),
-        (8, 8, 3, 1, 1, 1, True, (9, 9)),
+        (3, 8, 7, 2, 3, 1, False, (17, 14)),  # ResNet's stem (on CPU: the space-to-depth backward)
+        (8, 8, 3, 1, 1, 1, True, (9, 9)),  # few input channels: a matrix-product backward
+        (16, 8, 3, 1, 1, 1, True, (9, 9)),  # (on CPU: the flipped-kernel backward)
+        (3, 5, (3, 5), 1, (0, 2), 1, True, (7, 9)),
         (8, 16, 3, 2, 1, 1, True, (10, 7)),
+        (5, 7, 3, 2, 0, 1, True, (8, 9)),  # the last input row and column are in no window
         (8, 8, 3, 2, 1, 8, False, (11, 12)),  # depthwise (on CPU: the shifted-sum form)
         (6, 6, 5, 2, 2, 6, True, (13, 10)),  # depthwise
-        (8, 12, (1, 3), (2, 1), (0, 1), 4, True, (8, 5)),
-        (4, 6, 1, 1, 0, 1, False, (5, 6)),
+        (8, 12, (1, 3), (2, 1), (0, 1), 4, True, (8, 5)),  # grouped
+        (4, 6, 1, 1, 0, 1, False, (5, 6)),  # 1x1 (on CPU: a matrix product)
+        (6, 10, 1, 2, 0, 1, True, (7, 6)),  # strided 1x1 on an odd size: sliced, then a product
+        (4, 6, 1, 1, 1, 1, True, (5, 4)),  # padded 1x1: a convolution
+        (5, 6, (1, 3), (2, 1), (0, 1), 1, False, (9, 5)),
+        (3, 8, 4, 4, 0, 1, True, (9, 10)),  # ViT's patches: the space-to-depth backward is a product
+        (3, 8, 3, 2, 0, 1, True, (10, 11)),
+        (20, 8, 3, 2, 1, 1, True, (9, 8)),  # strided, many channels: an input-dilated backward
+        (32, 32, 3, 1, 1, 1, False, (3, 4)),  # kernel larger than the activations: flips those instead
+        (20, 24, 3, 2, 1, 1, True, (5, 4)),  # the same, strided
     ],
 )
-def test_conv2d_matches_torch(rng, in_channels, out_channels, kernel, stride, padding, groups, bias, size):
+def test_conv2d_values_and_gradients_match_torch(rng, in_channels, out_channels, kernel, stride, padding, groups, bias, size):
     torch_conv = torch.nn.Conv2d(in_channels, out_channels, kernel, stride, padding, groups=groups, bias=bias)
     x = rng.randn(2, *size, in_channels).astype(np.float32)
-    conv = _flax_twin(nn.Conv2d(out_channels, kernel, stride, padding, groups, use_bias=bias), torch_conv, x)
-    np.testing.assert_allclose(conv(x), _torch_nhwc(torch_conv, x), rtol=0, atol=1e-5)
+    module = nn.Conv2d(out_channels, kernel, stride, padding, groups, use_bias=bias)
+    params = params_from_state_dict(torch_conv.state_dict(), module.init(jax.random.key(0), x)["params"], source="torch layer")
+    xt = to_torch_images(x).requires_grad_()
+    yt = torch_conv(xt)
+    # Input and parameter gradients for a random upstream gradient (the parameters' only by
+    # JAX's own rule, but through the same CPU forms).
+    g = rng.randn(*to_numpy_nhwc(yt).shape).astype(np.float32)
+    y, (dx, dparams) = _value_and_vjp(lambda v, p: module.apply({"params": p}, v), (x, params), g)
+    np.testing.assert_allclose(y, to_numpy_nhwc(yt), rtol=0, atol=1e-5)
+    yt.backward(to_torch_images(g))
+    np.testing.assert_allclose(dx, to_numpy_nhwc(xt.grad), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(dparams["kernel"], torch_conv.weight.grad.numpy().transpose(2, 3, 1, 0), rtol=0, atol=2e-5)
+    if bias:
+        np.testing.assert_allclose(dparams["bias"], torch_conv.bias.grad.numpy(), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("stride, size", [(1, (11, 9)), (2, (11, 9)), (2, (10, 12))])
+def test_conv2d_tf_same_padding_values_and_gradients(rng, stride, size):
+    # TensorFlow SAME: asymmetric padding (the odd cell at the bottom/right), as a reference
+    # the plain convolution on the explicitly padded input.
+    x = rng.randn(2, *size, 4).astype(np.float32)
+    module = nn.Conv2d(6, 3, stride, "tf_same", use_bias=False)
+    params = module.init(jax.random.key(1), x)["params"]
+    pads = [nn.tf_same_padding(n, 3, stride) for n in size]
+    reference = lambda v: jax.lax.conv_general_dilated(
+        jnp.pad(v, ((0, 0), *pads, (0, 0))), params["kernel"], (stride, stride), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    got = lambda v: module.apply({"params": params}, v)
+    expected = reference(x)
+    np.testing.assert_allclose(got(x), expected, rtol=0, atol=1e-5)
+    g = rng.randn(*expected.shape).astype(np.float32)
+    np.testing.assert_allclose(_vjp(got, x, g), _vjp(reference, x, g), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -156,42 +207,76 @@ def _pools(pool_spec):
     )
 
 
-def _pool_input(rng, pool_spec):
+# Inputs for the pool parity tests: continuous values (no ties in a window); small integers
+# (many tied maxima, torch's first-maximum rule decides); a constant (every window tied); and
+# NaN and -inf among small integers (windows whose only input cells are -inf, and NaN maxima).
+POOL_INPUTS = ["continuous", "ties", "constant", "non-finite"]
+
+
+def _pool_input(rng, pool_spec, kind="continuous"):
     h, w = pool_spec[0]
-    return rng.randn(2, h, w, 3).astype(np.float32)  # continuous: no ties in a window
+    shape = (2, h, w, 3)
+    if kind == "continuous":
+        return rng.randn(*shape).astype(np.float32)
+    if kind == "constant":
+        return np.full(shape, 0.5, np.float32)
+    x = rng.randint(-1, 2, shape).astype(np.float32)
+    if kind == "non-finite":
+        x[rng.rand(*shape) < 0.5] = -np.inf
+        x[rng.rand(*shape) < 0.1] = np.nan
+    return x
 
 
+@pytest.mark.parametrize("kind", POOL_INPUTS)
 @pytest.mark.parametrize("pool_spec", POOLS, ids=POOL_IDS)
-def test_max_pool2d_forward_matches_torch(rng, pool_spec):
+def test_max_pool2d_forward_matches_torch(rng, pool_spec, kind):
     pool, torch_pool = _pools(pool_spec)
-    x = _pool_input(rng, pool_spec)
+    x = _pool_input(rng, pool_spec, kind)
     expected = _torch_nhwc(torch_pool, x)
     got = np.asarray(pool("standard")(x))
     assert got.shape == expected.shape
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("kind", POOL_INPUTS)
 @pytest.mark.parametrize("pool_spec", POOLS, ids=POOL_IDS)
-def test_max_pool2d_standard_vjp_matches_torch_autograd(rng, pool_spec):
+def test_max_pool2d_standard_vjp_is_torchs_bit_for_bit(rng, pool_spec, kind):
+    # Bit-identical: the same winner per window (ties, -inf-only windows, NaN), and overlapping
+    # windows' gradients summed in torch's order.
     pool, torch_pool = _pools(pool_spec)
-    x = _pool_input(rng, pool_spec)
+    x = _pool_input(rng, pool_spec, kind)
     g = rng.randn(*pool("standard")(x).shape).astype(np.float32)
     expected = _torch_vjp(torch_pool, x, g)
-    np.testing.assert_allclose(_vjp(pool("standard"), x, g), expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(_vjp(pool("standard"), x, g), expected)
     # "guided_relu" guides ReLUs only; its max-pool is the ordinary one.
-    np.testing.assert_allclose(_vjp(pool("guided_relu"), x, g), expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(_vjp(pool("guided_relu"), x, g), expected)
 
 
+@pytest.mark.parametrize("kind", POOL_INPUTS)
 @pytest.mark.parametrize("pool_spec", POOLS, ids=POOL_IDS)
-def test_max_pool2d_gnl_vjp_matches_torch_rule(rng, pool_spec):
+def test_max_pool2d_gnl_vjp_is_the_torch_rules_bit_for_bit(rng, pool_spec, kind):
     pool, torch_pool = _pools(pool_spec)
-    x = _pool_input(rng, pool_spec)
+    x = _pool_input(rng, pool_spec, kind)
     g = rng.randn(*pool("standard")(x).shape).astype(np.float32)
     with guided(torch_pool, mode="guided"):
         expected = _torch_vjp(torch_pool, x, g)
     got = _vjp(pool("guided"), x, g)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
-    assert not np.allclose(got, _vjp(pool("standard"), x, g))  # the rule did something
+    np.testing.assert_array_equal(got, expected)
+    if kind == "continuous":
+        assert not np.array_equal(got, _vjp(pool("standard"), x, g))  # the rule did something
+
+
+def test_max_pool2d_gradient_of_overlapping_windows_sums_in_torchs_order():
+    # A k3 s1 pool over [1, 1, 5, 1, 1]: column 2 wins all three windows, so its gradient is
+    # g0 + g1 + g2, added in that order by torch. In float32, (1 + 1e8) - 1e8 = 0, while the
+    # reverse order gives (-1e8 + 1e8) + 1 = 1.
+    x = np.array([1.0, 1.0, 5.0, 1.0, 1.0], np.float32).reshape(1, 1, 5, 1)
+    g = np.array([1.0, 1e8, -1e8], np.float32).reshape(1, 1, 3, 1)
+    torch_pool = torch.nn.MaxPool2d((1, 3), 1)
+    expected = _torch_vjp(torch_pool, x, g)
+    got = _vjp(lambda v: nn.max_pool2d(v, (1, 3), 1), x, g)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got.ravel(), [0.0, 0.0, 0.0, 0.0, 0.0])
 
 
 @pytest.mark.parametrize(
@@ -306,8 +391,10 @@ def test_unknown_nonlinearity_is_an_error():
             pass
 
 
-def test_max_pool2d_rejects_an_input_too_small_for_its_window():
+def test_max_pool2d_rejects_inputs_too_small_and_windows_too_large():
     with pytest.raises(RuntimeError, match="too small"):
         F.max_pool2d(torch.ones(1, 2, 1, 1), 2, 2)
     with pytest.raises(ValueError, match="input size 1 is too small for kernel 2"):
         nn.max_pool2d(jnp.ones((1, 1, 5, 2)), 2, 2)
+    with pytest.raises(ValueError, match="17x16 window has more than 256 cells"):
+        nn.max_pool2d(jnp.ones((1, 20, 20, 2)), (17, 16))
