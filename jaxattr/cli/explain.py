@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
+import functools
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +27,27 @@ from jaxattr.cli._common import (
     lookup_model,
     positive_int,
 )
+from jaxattr.compilation import CompileClock, enable_compile_cache
 from jaxattr.config import ConfigError
 from jaxattr.data import imagenet_labels
 from jaxattr.explanation import explain
 from jaxattr.image import ImageLoadError, expand_paths, load_image
 from jaxattr.methods import Method, list_methods, method_spec
 from jaxattr.models import create_model
-from jaxattr.run import Batch, OutputDir, Progress, RunError, file_keys, output_names, run_batches
+from jaxattr.models.registry import jaxattr_home
+from jaxattr.run import (
+    BackgroundWriter,
+    Batch,
+    OutputDir,
+    Prefetch,
+    RunError,
+    file_keys,
+    make_progress,
+    output_names,
+    read_path_list,
+    run_batches,
+    write_now,
+)
 
 DEFAULT_MODEL = "efficientnet_lite0"
 DEFAULT_METHOD = "integrated_gradients"
@@ -48,6 +66,7 @@ class ImageRecord:
     label: str = ""
     probability: float | None = None
     message: str = ""
+    classes: str = ""  # --top-k: the explained classes, most probable first, space-separated
 
 
 RECORD_FIELDS = [f.name for f in dataclasses.fields(ImageRecord)]
@@ -62,7 +81,13 @@ def add_parser(commands, method: str | None) -> None:
         "<name>.npy (raw attribution) per image, and summary.json / summary.csv, into --out. Images "
         "whose outputs exist are skipped unless --overwrite, so an interrupted run resumes.",
     )
-    ex.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and/or directories of images")
+    ex.add_argument("inputs", nargs="*", metavar="IMAGES_OR_DIRS", help="image files and/or directories of images")
+    ex.add_argument(
+        "--list",
+        type=Path,
+        metavar="FILE",
+        help="also explain the image files listed in FILE, one path per line (missing ones are reported and skipped)",
+    )
     ex.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model (see `jaxattr models`; default {DEFAULT_MODEL})")
     ex.add_argument("--method", default=DEFAULT_METHOD, choices=list_methods(), help=f"default {DEFAULT_METHOD}")
     ex.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
@@ -81,6 +106,7 @@ def add_parser(commands, method: str | None) -> None:
         help=f"opacity of the hottest pixels in the overlay (default {viz.OVERLAY_ALPHA})",
     )
     ex.add_argument("--recursive", action="store_true", help="also take images in subdirectories")
+    add_throughput_options(ex)
     if method is not None:
         add_config_options(ex, method)
     ex.set_defaults(run=run, parser=ex)
@@ -88,6 +114,66 @@ def add_parser(commands, method: str | None) -> None:
 
 def outputs(out: Path, name: str) -> tuple[Path, Path]:
     return out / f"{name}.png", out / f"{name}.npy"
+
+
+def class_outputs(out: Path, name: str, cls: int) -> tuple[Path, Path]:
+    """--top-k: one overlay and one attribution per explained class, the class in the name."""
+    return outputs(out, f"{name}.class{cls}")
+
+
+def add_throughput_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--top-k",
+        type=positive_int,
+        metavar="K",
+        help="explain each image's K most probable classes in one program; writes <name>.class<C>.png/.npy per class",
+    )
+    parser.add_argument(
+        "--loaders",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        metavar="N",
+        help="threads decoding the next batches while one computes (0: decode, compute and write in turn; "
+        "default min(4, CPUs))",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep compiled programs in $JAXATTR_HOME/compile so the next run skips compiling (default: on)",
+    )
+
+
+def input_paths(args: argparse.Namespace) -> list[Path]:
+    """The positional inputs (directories expanded) followed by the --list file's paths."""
+    if not args.inputs and args.list is None:
+        raise CliError("give image files, directories or --list FILE")
+    try:
+        paths = expand_paths(args.inputs, recursive=args.recursive) if args.inputs else []
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
+    if args.list is not None:
+        try:
+            listed = read_path_list(args.list, lambda line: print(f"jaxattr: warning: {line}", file=sys.stderr))
+        except (OSError, UnicodeDecodeError) as e:
+            raise CliError(f"cannot read --list {args.list}: {getattr(e, 'strerror', None) or e}") from None
+        seen = {p.resolve() for p in paths}  # a file named twice is explained once
+        for path in listed:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                paths.append(path)
+    return paths
+
+
+def finished(args: argparse.Namespace, output: OutputDir, name: str) -> bool:
+    """Whether an image's outputs exist: its two files, or with --top-k the files of every class
+    its finished record lists."""
+    if not args.top_k:
+        return all(p.is_file() for p in outputs(args.out, name))
+    record = output.records.get(name)
+    if record is None or not record.get("classes"):
+        return False
+    return all(p.is_file() for c in record["classes"].split() for p in class_outputs(args.out, name, int(c)))
 
 
 def parse_target(text: str | None) -> int | None:
@@ -128,14 +214,17 @@ def settings(args: argparse.Namespace, method: Method, target: int | None) -> di
         "panel": args.panel,
         "alpha": args.alpha,
     }
+    if args.top_k:
+        values["top_k"] = args.top_k
     if method.spec.stochastic:
         values["seed"] = args.seed
     return values
 
 
-def explain_batch(model, method: Method, batch: Batch, keys, target) -> list[tuple]:
-    """(attribution, saliency map, class, probability) per real row of the batch, as numpy."""
-    result = explain(model, jnp.asarray(batch.inputs), method, targets=target, key=keys)
+def explain_batch(model, method: Method, batch: Batch, keys, target, top_k: int | None = None) -> list[tuple]:
+    """(attribution, saliency map, class, probability) per real row of the batch, as numpy; with
+    `top_k`, each with a leading class axis of size K."""
+    result = explain(model, jnp.asarray(batch.inputs), method, targets=target, top_k=top_k, key=keys)
     n = len(batch.items)
     return list(
         zip(
@@ -167,12 +256,15 @@ def run(args: argparse.Namespace) -> int:
     target = parse_target(args.target)
     if not 0.0 <= args.alpha <= 1.0:
         raise CliError(f"--alpha must be in [0, 1], got {args.alpha}")
-    try:
-        paths = expand_paths(args.inputs, recursive=args.recursive)
-    except FileNotFoundError as e:
-        raise CliError(str(e)) from None
+    if args.top_k and target is not None:
+        raise CliError("--top-k and --target exclude each other")
+    if args.loaders < 0:
+        raise CliError(f"--loaders must be 0 or more, got {args.loaders}")
+    if args.compile_cache:  # before anything compiles: JAX decides once per process
+        enable_compile_cache(jaxattr_home() / "compile")
+    paths = input_paths(args)
     if not paths:
-        raise CliError(f"no image files in {', '.join(args.inputs)}")
+        raise CliError(f"no image files in {', '.join(map(str, args.inputs + ([args.list] if args.list else [])))}")
     try:
         names = output_names(paths)
         output = OutputDir(args.out, settings(args, method, target), RECORD_FIELDS, finished=EXPLAINED, overwrite=args.overwrite)
@@ -182,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     records, todo = {}, []
     for path in paths:
         name = names[path]
-        if not args.overwrite and all(p.is_file() for p in outputs(args.out, name)):
+        if not args.overwrite and finished(args, output, name):
             records[name] = output.records.get(name) or dataclasses.asdict(ImageRecord(str(path), name, "exists"))
             output.record(records[name])
         else:
@@ -213,9 +305,11 @@ def _explain_files(
     num_classes = jax.eval_shape(model, shape).shape[-1]
     if target is not None and not 0 <= target < num_classes:
         raise CliError(f"--target {target} is out of range: {args.model} has {num_classes} classes")
+    if args.top_k and args.top_k > num_classes:
+        raise CliError(f"--top-k {args.top_k} is more than the {num_classes} classes of {args.model}")
     args.out.mkdir(parents=True, exist_ok=True)
     batch_size = min(args.batch_size, len(todo))
-    progress = Progress(len(todo), sys.stderr)
+    progress = make_progress(len(todo), sys.stderr)
     spec = method.spec
 
     def compute(batch: Batch[Path]) -> list[tuple]:
@@ -223,19 +317,30 @@ def _explain_files(
         if spec.stochastic:  # padded rows repeat the last real row's key
             keys = file_keys(args.seed, [names[p] for p in batch.items])
             keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], batch_size - len(batch.items))])
-        return explain_batch(model, method, batch, keys, target)
+        return explain_batch(model, method, batch, keys, target, args.top_k)
+
+    def write_files(png: Path, npy: Path, image: np.ndarray, attribution: np.ndarray, saliency_map: np.ndarray) -> None:
+        # Each file is atomic; an image only counts as done once both exist.
+        viz.write_atomically(npy, lambda f: np.save(f, attribution))
+        heat = viz.contrast(saliency_map, spec.contrast)
+        picture = viz.panel(image, heat, args.alpha) if args.panel else viz.overlay(image, heat, args.alpha)
+        viz.save_png(png, picture)
 
     def save(path: Path, image: np.ndarray, result: tuple) -> dict:
-        attribution, saliency_map, cls, probability = result
-        name, cls = names[path], int(cls)
-        record = ImageRecord(str(path), name, EXPLAINED, cls, class_label(cls, num_classes), float(probability))
+        attribution, saliency_map, classes, probabilities = result
+        name = names[path]
+        classes = np.atleast_1d(classes)  # (K,) with --top-k, else one class
+        cls = int(classes[0])
+        record = ImageRecord(
+            str(path), name, EXPLAINED, cls, class_label(cls, num_classes), float(np.atleast_1d(probabilities)[0])
+        )
         if np.isfinite(attribution).all() and np.isfinite(saliency_map).all():
-            heat = viz.contrast(saliency_map, spec.contrast)
-            png, npy = outputs(args.out, name)
-            # Each file is atomic; an image only counts as done once both exist.
-            viz.write_atomically(npy, lambda f: np.save(f, attribution))
-            picture = viz.panel(image, heat, args.alpha) if args.panel else viz.overlay(image, heat, args.alpha)
-            viz.save_png(png, picture)
+            if args.top_k:
+                record.classes = " ".join(str(int(c)) for c in classes)
+                for c, a, m in zip(classes, attribution, saliency_map, strict=True):
+                    write(functools.partial(write_files, *class_outputs(args.out, name, int(c)), image, a, m))
+            else:
+                write(functools.partial(write_files, *outputs(args.out, name), image, attribution, saliency_map))
         else:
             record.status, record.message = "non-finite", "NaN or inf in the attribution; outputs not written"
             progress.note(f"skipped {path}: {record.message}")
@@ -244,13 +349,30 @@ def _explain_files(
     def unreadable(path: Path, error: ImageLoadError) -> dict:
         return dataclasses.asdict(ImageRecord(str(path), names[path], "unreadable", message=error.reason))
 
-    return run_batches(
-        todo,
-        batch_size=batch_size,
-        load=lambda path: load_image(path, info),
-        compute=compute,
-        save=save,
-        unreadable=unreadable,
-        output=output,
-        progress=progress,
+    load = lambda path: load_image(path, info)
+    with contextlib.ExitStack() as stages, CompileClock() as clock:
+        if args.loaders:  # the pipeline: see jaxattr.run; the same batches as the sequential path
+            load = stages.enter_context(Prefetch(todo, load, workers=args.loaders, ahead=2 * batch_size))
+            write = stages.enter_context(BackgroundWriter(depth=2 * batch_size * (args.top_k or 1))).submit
+        else:
+            write = write_now
+        start = time.monotonic()
+        records = run_batches(
+            todo,
+            batch_size=batch_size,
+            load=load,
+            compute=compute,
+            save=save,
+            unreadable=unreadable,
+            output=output,
+            progress=progress,
+        )
+        stages.close()  # the last outputs are written before the summary that lists them is final
+    output.write_summary()
+    elapsed = time.monotonic() - start
+    print(
+        f"{len(todo)} images in {elapsed:.1f}s ({len(todo) / elapsed:.2f} images/s), "
+        f"compile {clock.seconds:.2f}s{'' if args.compile_cache else ' (compile cache off)'}",
+        file=sys.stderr,
     )
+    return records

@@ -32,7 +32,7 @@ from jaxattr.config import Config, ConfigError
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import as_forward, check_inputs, is_key_batch, predicted_classes
 
-Targets = Int[Array, " b"] | int | None
+Targets = Int[Array, " b"] | Int[Array, "b k"] | int | None
 
 
 class Attribution(Protocol):
@@ -127,8 +127,15 @@ def run_compiled(
 
     `key` is one key for the batch (image i draws from fold_in(key, i)) or one typed key per
     image, shape (b,): each image is then computed from its own key alone, so its map does not
-    depend on which batch it came in (the CLI keys images by file name)."""
-    check_inputs(images, targets)
+    depend on which batch it came in (the CLI keys images by file name).
+
+    `targets` of shape (b, K) explains K classes of every image in one program, vmapped over the
+    class axis: attributions (b, K, ...), each class's equal to a run with that class alone (same
+    key, so the same noise)."""
+    check_inputs(images, targets, several_classes=True)
+    if jnp.ndim(targets) == 2:
+        one_class = lambda t: run_compiled(compiled, config_class, model, images, t, config=config, key=key, **arrays)
+        return jax.vmap(one_class, in_axes=1, out_axes=1)(jnp.asarray(targets, jnp.int32))
     if not isinstance(config, config_class):
         raise TypeError(f"config must be a {config_class.__name__}, got {type(config).__name__}")
     forward = as_forward(model)
