@@ -290,3 +290,18 @@ def test_no_compile_cache_leaves_the_cache_directory_alone(images, tmp_path, wei
     (images / "im2b.jpg").unlink()
     assert _explain([images / "im0.png"], tmp_path / "out", weights) == 0  # _explain passes --no-compile-cache
     assert not (Path(os.environ["JAXATTR_HOME"]) / "compile").exists()
+
+
+# -------------------------------------------------------------------------------- bench
+
+
+def test_bench_prints_its_figures_as_json(capsys):
+    argv = ["bench", "--model", "resnet18", "--random-init", "--method", "saliency", "--batch-size", "1", "--repeats", "1"]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "resnet18" and report["method"] == "saliency" and report["batch_size"] == 1
+    assert report["compile_s"] > 0 and report["images_per_s"] > 0
+    # Arguments alone (ResNet-18's float32 parameters, ~46.8 MB) bound the peak from below.
+    assert report["peak_memory_bytes"] > 11_689_512 * 4
+    assert report["gflop_per_batch"] > 1.8  # at least one ResNet-18 forward (1.8 GFLOP) is in it
+    assert cli.main(["bench", "--method", "saliency", "--steps", "3"]) == 2  # another method's option
