@@ -305,3 +305,16 @@ def test_bench_prints_its_figures_as_json(capsys):
     assert report["peak_memory_bytes"] > 11_689_512 * 4
     assert report["gflop_per_batch"] > 1.8  # at least one ResNet-18 forward (1.8 GFLOP) is in it
     assert cli.main(["bench", "--method", "saliency", "--steps", "3"]) == 2  # another method's option
+
+
+def test_compile_clock_counts_nested_compiles_once():
+    from jaxattr.compilation import CompileClock
+
+    clock = CompileClock()
+    for span in [(0.0, 10.0), (2.0, 3.0), (9.0, 12.0), (20.0, 21.0)]:  # a nested trace, an overlap, a gap
+        clock._listen("/jax/core/compile/jaxpr_trace_duration", *span)
+    clock._listen("/jax/some/other_event", 30.0, 40.0)
+    assert clock.seconds == 13.0
+    with CompileClock() as live:
+        jax.jit(lambda x: jnp.cos(x) * 3.0)(jnp.ones(7)).block_until_ready()
+    assert live.seconds > 0
