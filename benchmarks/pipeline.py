@@ -29,14 +29,12 @@ MODEL = "efficientnet_lite0"
 
 
 def copies(folder: Path, n: int) -> list[Path]:
-    """`n` copies of every sample image (symbolic links, distinct names)."""
+    """`n` copies of every sample image, distinct files (links to one file count once)."""
     sources = expand_paths([ROOT / "examples" / "images"])
     made = []
     for i in range(n):
         for source in sources:
-            link = folder / f"copy{i:03d}_{source.name}"
-            link.symlink_to(source.resolve())
-            made.append(link)
+            made.append(Path(shutil.copyfile(source, folder / f"copy{i:03d}_{source.name}")))
     return made
 
 
