@@ -35,6 +35,15 @@ from jaxattr.methods.guided_backprop import (
     guided_backprop as guided_backprop,
 )
 from jaxattr.methods.guided_ig import GuidedIGConfig as GuidedIGConfig, guided_ig as guided_ig
+from jaxattr.methods.igos import (
+    IGOSConfig as IGOSConfig,
+    IGOSPlusConfig as IGOSPlusConfig,
+    IGOSResult as IGOSResult,
+    igos as igos,
+    igos_masks as igos_masks,
+    igos_plus as igos_plus,
+    igos_pp as igos_pp,
+)
 from jaxattr.methods.integrated_gradients import (
     GnlIGConfig as GnlIGConfig,
     IntegratedGradientsConfig as IntegratedGradientsConfig,

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-Mode = Literal["constant", "reflect"]
-MODES: tuple[str, ...] = ("constant", "reflect")
+Mode = Literal["constant", "reflect", "mirror"]
+MODES: tuple[str, ...] = ("constant", "reflect", "mirror")
 # SciPy skips an axis whose sigma is at most this.
 _SIGMA_EPSILON = 1e-15
 # Grid slices of weights and of pixels in the exact float32 product.
@@ -78,9 +78,15 @@ def _source_index(positions: np.ndarray, size: int, mode: str) -> np.ndarray:
     """Where a tap at `positions` reads from; -1 for taps outside the image in 'constant' mode.
 
     SciPy's 'reflect' is half-sample symmetric (d c b a | a b c d | d c b a), periodic in 2 * size,
-    so taps further out than the image is wide keep folding back."""
+    so taps further out than the image is wide keep folding back. 'mirror' is whole-sample
+    symmetric (d c b | a b c d | c b a), periodic in 2 * (size - 1): OpenCV's BORDER_REFLECT_101."""
     if mode == "constant":
         return np.where((positions >= 0) & (positions < size), positions, -1)
+    if mode == "mirror":
+        if size == 1:
+            return np.zeros_like(positions)
+        folded = np.mod(positions, 2 * (size - 1))
+        return np.where(folded < size, folded, 2 * (size - 1) - folded)
     folded = np.mod(positions, 2 * size)
     return np.where(folded < size, folded, 2 * size - 1 - folded)
 
@@ -260,7 +266,8 @@ def gaussian_blur(
     """`scipy.ndimage.gaussian_filter(image, (sigma_h, sigma_w, 0), mode=mode, truncate=truncate)`
     for each image of an NHWC batch. `sigma` (a number or a (height, width) pair) is static.
 
-    'constant' pads with zeros (Blur IG); 'reflect' is SciPy's half-sample symmetric extension."""
+    'constant' pads with zeros (Blur IG); 'reflect' is SciPy's half-sample symmetric extension;
+    'mirror' the whole-sample symmetric one (OpenCV's BORDER_REFLECT_101, I-GOS's baseline)."""
     _check_mode(mode)
     if jnp.ndim(images) != 4 or not jnp.issubdtype(jnp.result_type(images), jnp.floating):
         raise ValueError(

@@ -9,7 +9,9 @@ A config field is either
 
 Each field may carry a `Check`; `Literal` annotations are checked against their choices. A config
 validates itself when built (`ConfigError`, a ValueError naming the field), and
-`Config.validate_fields` holds cross-field rules. Traced values are only checked while concrete:
+`Config.validate_fields` holds cross-field rules. Two more hooks describe what settings cost:
+`Config.needs_key` (settings that draw random numbers, such as a 'uniform' baseline, make any
+method stochastic) and `Config.footprint` (what is held in memory at once, for `jaxattr.memory`). Traced values are only checked while concrete:
 inside a trace they are tracers, and JAX rebuilds configs with arbitrary leaves when it maps over
 pytrees.
 """
@@ -81,6 +83,11 @@ def number(
     return Check(accepts, f"a finite number{bounds}")
 
 
+def name() -> Check:
+    """A non-empty string, such as a layer name (whether a model has it is checked on the model)."""
+    return Check(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty name")
+
+
 def optional(check: Check) -> Check:
     """None or a value `check` accepts."""
     return Check(lambda v: v is None or check.accepts(v), f"None or {check.description}")
@@ -121,6 +128,14 @@ def _scalar(value: Any) -> Any:
     return value.item() if isinstance(value, (jax.Array, np.ndarray, np.generic)) else value
 
 
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+    """What a method holds in memory at once beyond the model, for `jaxattr.memory`'s estimates."""
+
+    passes: int = 1  # forward+backward passes per image evaluated at once (path points, noise samples)
+    fixed_bytes: int = 0  # host and device arrays the settings size alone (quadrature tables, kernels)
+
+
 class Config:
     """Base of every method config (see the module docstring); subclasses are built with `@config`."""
 
@@ -140,6 +155,16 @@ class Config:
 
     def validate_fields(self) -> None:
         """Cross-field rules (raise ConfigError); fields have been checked one by one already."""
+
+    def needs_key(self) -> bool:
+        """Whether these settings draw random numbers (a 'uniform' baseline): the method then takes
+        a key, as a stochastic method does."""
+        return False
+
+    def footprint(self, image_shape: tuple[int, ...]) -> Footprint:
+        """Memory these settings hold per image of `image_shape` (h, w, c); default: one
+        forward+backward pass per image."""
+        return Footprint()
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain data (nested values with a `to_dict` rendered through it), for

@@ -5,7 +5,7 @@ Metric groups (the names `--metrics` takes):
 
 * 'rise': RISE deletion and insertion (metrics.md §1) on the full-resolution map;
 * 'igos': the I-GOS deletion and insertion (§2) on a low-resolution mask (low = salient) over
-  I-GOS's blurred baseline. I-GOS's own masks are passed as `igos_masks`; every other method's map
+  I-GOS's blurred baseline (`jaxattr.methods.igos.igos_baselines`). I-GOS's own masks are passed as `igos_masks`; every other method's map
   is averaged over the cells of a `mask_size` x `mask_size` grid and negated (`saliency_cells`).
   IGOS_pp scores only its own masks; the I-GOS paper compares other methods on the same metric,
   so they need a mask on the same grid, and a cell's saliency is the mean saliency of its pixels;
@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxattr.blur import gaussian_blur
 from jaxattr.metrics import (
     DEFAULT_CHUNK,
     ConfidenceChange,
@@ -41,6 +40,7 @@ from jaxattr.metrics import (
     rise_insertion,
     segmentation_scores,
 )
+from jaxattr.methods.igos import igos_baselines
 from jaxattr.metrics.perturbation import MODES as PERTURBATION_MODES
 
 # Metric group -> the keys of its results (as `report.method_records` reads them) and the names of
@@ -113,23 +113,6 @@ def saliency_cells(maps: Float[Array, "b h w"], size: int = IGOS_MASK_SIZE) -> F
     return -pooled
 
 
-def blur_kernel_size(size: int) -> int:
-    """The side of I-GOS's baseline blur kernel for images of `size` pixels (igos.md §3)."""
-    return 51 if size < 500 else 151 if size < 800 else 201
-
-
-# SEAM(igos): I-GOS's baseline builder lives in jaxattr.methods.igos (`igos_baselines`, branch igos:
-# OpenCV's BORDER_REFLECT_101 as SciPy 'mirror', rounded to 8-bit levels). Until it is merged, this
-# stand-in uses SciPy's 'reflect' border (one pixel's shift at the edges) without the rounding. On
-# the merge, make `igos_baselines` the default `baselines` of `evaluate_maps` and delete this and
-# `blur_kernel_size`.
-def blurred_baselines(images: Float[Array, "b h w 3"], kernel: int | None = None) -> Float[Array, "b h w 3"]:
-    """I-GOS's blurred baseline (igos.md §3): a kernel x kernel Gaussian with sigma = kernel - 1
-    (kernel None: 51 below 500 px, 151 below 800, else 201), in pixel space."""
-    kernel = blur_kernel_size(max(images.shape[1:3])) if kernel is None else kernel
-    return gaussian_blur(jnp.asarray(images), float(kernel - 1), mode="reflect", truncate=0.5)
-
-
 # ----------------------------------------------------------------------------------- evaluation
 
 
@@ -145,7 +128,7 @@ def evaluate_maps(
     fill: Float[Array, "3"] | None = None,
     igos_masks: Float[Array, "b s t"] | None = None,
     mask_size: int = IGOS_MASK_SIZE,
-    baselines: Float[Array, "*b h w 3"] | Callable[[Array], Array] = blurred_baselines,
+    baselines: Float[Array, "*b h w 3"] | Callable[[Array], Array] = igos_baselines,
     ground_truth: Bool[Array, "b h w"] | None = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> dict[str, Any]:

@@ -11,8 +11,8 @@ from jaxtyping import Array, Float, Int
 
 from jaxattr.config import Config
 from jaxattr.maps import upsample
-from jaxattr.methods._common import as_forward, check_inputs, is_key_batch
-from jaxattr.methods.base import Method, method_spec
+from jaxattr.methods._common import as_forward, is_key_batch
+from jaxattr.methods.base import Method, check_call, method_spec
 from jaxattr.sharding import data_parallel
 
 
@@ -27,6 +27,8 @@ class Explanation:
     maps: Float[Array, "b *k h w"]
     targets: Int[Array, "b *k"]
     probabilities: Float[Array, "b *k"]  # softmax probability of each target
+    # The method's other outputs by name, batch first (MethodSpec.extras; e.g. I-GOS's masks).
+    extras: dict[str, Array] = dataclasses.field(default_factory=dict)
 
 
 @jax.jit
@@ -77,6 +79,11 @@ def explain(
     spec = bound.spec
     if baselines is not None and not spec.takes_baselines:
         raise ValueError(f"{spec.name} takes no baselines")
+    if bound.stochastic and key is None:
+        randomness = "is stochastic" if spec.stochastic else "draws random numbers with these settings"
+        raise ValueError(f"{spec.name} {randomness}: pass key=jax.random.key(seed)")
+    forward = as_forward(model)
+    check_call(forward, images, targets, key, several_classes=True)
     if devices is not None:
         batch = jnp.shape(images)[0]
         per_image = {"key": key} if is_key_batch(key, batch) else {}
@@ -88,12 +95,8 @@ def explain(
             return explain(m, x, bound, targets=t, top_k=top_k, **named)
 
         return data_parallel(run, model, images, targets, per_image=list(per_image.values()), devices=devices)
-    check_inputs(images, targets, several_classes=True)
     if top_k is not None and (targets is not None or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int and excludes targets, got top_k={top_k!r}, targets={targets!r}")
-    if spec.stochastic and key is None:
-        raise ValueError(f"{spec.name} is stochastic: pass key=jax.random.key(seed)")
-    forward = as_forward(model)
     predicted, probabilities = _predict(forward, images)
     if top_k is not None:
         if top_k > probabilities.shape[-1]:
@@ -105,10 +108,12 @@ def explain(
         targets = jnp.broadcast_to(jnp.asarray(targets, jnp.int32), predicted.shape)
     targets = jnp.asarray(targets, jnp.int32)
     arrays = {} if baselines is None else {"baselines": baselines}
-    attributions = bound(model, images, targets, key=key, **arrays)
+    if targets.ndim == 2 and spec.extras is not None:
+        raise ValueError(f"{spec.name} has extra outputs: explain one class per image with it (targets of shape (b,))")
+    attributions, extras = bound.with_extras(model, images, targets, key=key, **arrays)
     leading = targets.shape  # (b,) or (b, K): the map reductions take one flat batch axis
     flat = attributions.reshape(-1, *attributions.shape[len(leading) :])
     maps = upsample(spec.saliency(flat), images.shape[1:3], spec.upsample).reshape(*leading, *images.shape[1:3])
     target_probabilities = jnp.take_along_axis(probabilities, targets.reshape(len(targets), -1), axis=-1)
     target_probabilities = target_probabilities.reshape(leading)
-    return Explanation(attributions, maps, targets, target_probabilities)
+    return Explanation(attributions, maps, targets, target_probabilities, extras)

@@ -15,7 +15,10 @@ Preprocessing is the eval transform of torchvision and timm, done as they do it 
 resize the shorter side to `ModelInfo.resize_size` with Pillow's bilinear or bicubic filter,
 centre-crop `image_size`, divide by 255. 8-bit images are resized as 8-bit RGB (bit-identical to
 `Resize + CenterCrop + ToTensor`); high-precision grey images are resized as Pillow float ("F")
-images with the same filters, so they keep their precision.
+images with the same filters, so they keep their precision. References differ in this transform
+(GNL resizes every model to 256 and crops 224; RISE and IIA resize to 224x224 without a crop), so
+it is a value, `Preprocessing(resize, crop, interpolation)`: `Preprocessing.of(info)` is the
+model's, and `preprocess`/`load_image`/`load_batch` take either a ModelInfo or a Preprocessing.
 
 Files are untrusted input. Only regular files are opened (a FIFO, socket or device is reported,
 never read: reading a FIFO would block). The size is read from the header (Pillow opens lazily)
@@ -31,6 +34,7 @@ loading), and so are NaN or infinite values in floating-point images. Every fail
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -241,34 +245,93 @@ def eval_sizes(info: ModelInfo, image_size: int | None = None) -> tuple[int, int
     return math.floor(size * info.resize_size / info.image_size), size
 
 
-def preprocess(
-    image: Image.Image, info: ModelInfo, image_size: int | None = None, *, max_pixels: int | None = None
-) -> Float[np.ndarray, "s s 3"]:
-    """The model's eval transform of a decoded image: float32 RGB in [0, 1], `image_size` square.
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """An eval transform, decoded image -> float32 RGB in [0, 1], `size` x `size`.
 
-    Raises ValueError if resizing the shorter side would make an image above `max_pixels`
-    (default MAX_PIXELS): an extreme aspect ratio such as a 1x40000 strip."""
-    resize_size, crop_size = eval_sizes(info, image_size)
+    With a crop: the shorter side is resized to `resize` (aspect ratio kept), then the centre
+    `crop` x `crop` is cut (torchvision's `Resize(resize) + CenterCrop(crop)`). Without one
+    (crop=None): the image is resized to `resize` x `resize`, aspect ratio not kept
+    (`Resize((resize, resize))`, as RISE and IIA preprocess). `interpolation`: Pillow's
+    'bilinear' or 'bicubic' filter, as torchvision applies it to PIL images."""
+
+    resize: int
+    crop: int | None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if value is None and name == "crop":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Preprocessing.{name} must be a positive integer, got {value!r}")
+        if self.interpolation not in _FILTERS:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; expected one of {', '.join(_FILTERS)}")
+
+    @property
+    def size(self) -> int:
+        """The side of the square the transform produces: the model's input size."""
+        return self.resize if self.crop is None else self.crop
+
+    @classmethod
+    def of(cls, info: ModelInfo, image_size: int | None = None) -> "Preprocessing":
+        """The eval transform of the model `info` describes, at `image_size` (default: the model's;
+        at another size the resize keeps the model's crop ratio)."""
+        resize, crop = eval_sizes(info, image_size)
+        return cls(resize, crop, info.interpolation)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _as_preprocessing(transform: ModelInfo | Preprocessing, image_size: int | None) -> Preprocessing:
+    if isinstance(transform, Preprocessing):
+        if image_size is not None and image_size != transform.size:
+            raise ValueError(f"image_size {image_size} differs from the Preprocessing's size {transform.size}")
+        return transform
+    return Preprocessing.of(transform, image_size)
+
+
+def preprocess(
+    image: Image.Image,
+    info: ModelInfo | Preprocessing,
+    image_size: int | None = None,
+    *,
+    max_pixels: int | None = None,
+) -> Float[np.ndarray, "s s 3"]:
+    """The eval transform of a decoded image: float32 RGB in [0, 1], square. `info`: a model's
+    ModelInfo (its eval transform, at `image_size` if given) or a Preprocessing.
+
+    Raises ValueError if resizing would make an image above `max_pixels` (default MAX_PIXELS):
+    an extreme aspect ratio such as a 1x40000 strip."""
+    transform = _as_preprocessing(info, image_size)
     short, long = sorted(image.size)
     if short < 1:
         raise ValueError(f"empty image ({image.size[0]}x{image.size[1]} pixels)")
-    resized_pixels = resize_size * int(resize_size * long / short)
+    size = transform.resize
+    resized_pixels = size * size if transform.crop is None else size * int(size * long / short)
     if resized_pixels > _positive("max_pixels", max_pixels, MAX_PIXELS):
         raise ValueError(
             f"aspect ratio {image.size[0]}x{image.size[1]} is too extreme: resizing the shorter side to "
-            f"{resize_size} would make {resized_pixels} pixels (jaxattr.image.MAX_PIXELS)"
+            f"{size} would make {resized_pixels} pixels (jaxattr.image.MAX_PIXELS)"
         )
-    resized = resize_shorter_side(to_rgb(image), resize_size, info.interpolation)
-    return to_array(center_crop(resized, crop_size))
+    return to_array(_geometry(to_rgb(image), transform, transform.interpolation))
 
 
-def preprocess_labels(labels: Image.Image, info: ModelInfo, image_size: int | None = None) -> np.ndarray:
-    """The geometry of the model's eval transform applied to a label image (a segmentation mask
-    of the original image's size): shorter side resized with NEAREST, as torchvision resizes
-    masks, then the centre crop (outside the image: 0). The values as stored: class indices of a
-    palette ("P") image, not its colours; (s, s) for one channel, (s, s, c) for several."""
-    resize_size, crop_size = eval_sizes(info, image_size)
-    return np.asarray(center_crop(resize_shorter_side(labels, resize_size, "nearest"), crop_size))
+def _geometry(image: Image.Image, transform: Preprocessing, interpolation: str) -> Image.Image:
+    """`transform`'s resize (and crop) of a PIL image with the filter `interpolation`."""
+    if transform.crop is None:
+        return image.resize((transform.resize, transform.resize), _FILTERS[interpolation])
+    return center_crop(resize_shorter_side(image, transform.resize, interpolation), transform.crop)
+
+
+def preprocess_labels(labels: Image.Image, info: ModelInfo | Preprocessing, image_size: int | None = None) -> np.ndarray:
+    """The geometry of an eval transform (a model's, or a Preprocessing) applied to a label image
+    (a segmentation mask of the original image's size): resized with NEAREST, as torchvision
+    resizes masks, then the centre crop if any (outside the image: 0). The values as stored: class
+    indices of a palette ("P") image, not its colours; (s, s) for one channel, (s, s, c) for several."""
+    return np.asarray(_geometry(labels, _as_preprocessing(info, image_size), "nearest"))
 
 
 # ------------------------------------------------------------------------------- loading
@@ -276,15 +339,15 @@ def preprocess_labels(labels: Image.Image, info: ModelInfo, image_size: int | No
 
 def load_image(
     path: str | os.PathLike,
-    info: ModelInfo | None = None,
+    info: ModelInfo | Preprocessing | None = None,
     image_size: int | None = None,
     *,
     max_pixels: int | None = None,
     max_side: int | None = None,
 ) -> Float[np.ndarray, "h w 3"]:
     """The image at `path` as float32 RGB in [0, 1]: at full resolution, or with `info`
-    preprocessed as that model's eval transform. Raises ImageLoadError naming the file (see
-    `open_image` for the limits)."""
+    preprocessed as that model's eval transform (a ModelInfo) or as a Preprocessing says.
+    Raises ImageLoadError naming the file (see `open_image` for the limits)."""
     image = open_image(path, max_pixels=max_pixels, max_side=max_side)
     try:
         if info is None:
@@ -296,13 +359,14 @@ def load_image(
 
 def load_batch(
     paths: Sequence[str | os.PathLike],
-    info: ModelInfo,
+    info: ModelInfo | Preprocessing,
     image_size: int | None = None,
     *,
     max_pixels: int | None = None,
     max_side: int | None = None,
 ) -> Float[np.ndarray, "b s s 3"]:
-    """Images preprocessed for the model `info` describes, stacked into one NHWC batch."""
+    """Images preprocessed for the model `info` describes (or as a Preprocessing says), stacked
+    into one NHWC batch."""
     if not paths:
         raise ValueError("load_batch needs at least one image path")
     return np.stack(
@@ -317,8 +381,11 @@ def _warn(error: ImageLoadError) -> None:
     warnings.warn(str(error), SkippedInputWarning, stacklevel=4)
 
 
-def _scan(directory: Path, recursive: bool, report: Callable[[ImageLoadError], None]) -> list[Path]:
-    """The image files in `directory` (and, with `recursive`, its subdirectories), sorted.
+def _scan(
+    directory: Path, recursive: bool, report: Callable[[ImageLoadError], None], excluded: frozenset[Path] = frozenset()
+) -> list[Path]:
+    """The image files in `directory` (and, with `recursive`, its subdirectories but those in
+    `excluded`, resolved paths), sorted.
 
     Symbolic links to directories are not followed (as in `find` and pathlib's rglob), so a
     link loop cannot make the scan endless; links to files are followed."""
@@ -335,7 +402,8 @@ def _scan(directory: Path, recursive: bool, report: Callable[[ImageLoadError], N
             path = current / entry.name
             try:
                 if recursive and entry.is_dir(follow_symlinks=False):
-                    pending.append(path)
+                    if _identity(path) not in excluded:
+                        pending.append(path)
                     continue
             except OSError:  # vanished or unreadable: the stat below reports it
                 pass
@@ -365,6 +433,7 @@ def expand_paths(
     *,
     recursive: bool = False,
     on_skip: Callable[[ImageLoadError], None] | None = None,
+    exclude: Iterable[str | os.PathLike] = (),
 ) -> list[Path]:
     """Image files named by `inputs`: files as given (any extension, or none: the loader tries
     them), directories expanded to the image files in them (by `image_extensions()`, hidden
@@ -373,9 +442,11 @@ def expand_paths(
     The order is deterministic (inputs in order, each directory sorted) and a file reached twice
     is listed once. What a scan cannot use -- an unreadable directory; a FIFO, socket or device,
     a dangling link or a link loop named like an image -- is left out and reported to `on_skip`
-    as an ImageLoadError (default: a SkippedInputWarning each); the scan goes on. Raises
-    FileNotFoundError for an input that does not exist."""
+    as an ImageLoadError (default: a SkippedInputWarning each); the scan goes on. A recursive
+    scan does not enter the directories in `exclude` (e.g. an output directory inside an input
+    directory). Raises FileNotFoundError for an input that does not exist."""
     report = on_skip or _warn
+    excluded = frozenset(_identity(Path(d)) for d in exclude)
     found: dict[Path, Path] = {}  # resolved -> as reached, for de-duplication
     for item in map(Path, inputs):
         try:
@@ -386,7 +457,7 @@ def expand_paths(
             is_dir = False  # a dangling link: listed, the loader says so
         except OSError:  # a link loop, a name too long, no permission: the loader says which
             is_dir = False
-        files = _scan(item, recursive, report) if is_dir else [item]
+        files = _scan(item, recursive, report, excluded) if is_dir else [item]
         for path in files:
             found.setdefault(_identity(path), path)
     return list(found.values())

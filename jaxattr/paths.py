@@ -127,6 +127,14 @@ def check_rule(rule: str, steps: int) -> None:
         raise ValueError(f"rule {rule!r} needs an integer number of steps >= {minimum}, got {steps!r}")
 
 
+def quadrature_bytes(rule: str, steps: int) -> int:
+    """Memory that building and holding `rule`'s tables takes: float64 nodes and weights, their
+    device copies, and for Gauss-Legendre NumPy's n x n companion matrix and its eigen-solver's
+    workspace (leggauss)."""
+    tables = 48 * steps
+    return tables + (24 * steps * steps if rule == "gausslegendre" else 0)
+
+
 def quadrature(rule: str, steps: int) -> Quadrature:
     """The rule `rule` with `steps` nodes on [0, 1] (0 = baseline side, 1 = the image)."""
     check_rule(rule, steps)
@@ -266,14 +274,14 @@ def integrate(
     if path.constant_tangent:
         total = jax.tree_util.tree_map(jnp.multiply, total, path.tangents(None))
     if rule.divisor != 1:
-        total = jax.tree_util.tree_map(lambda t: _divide(t, rule.divisor), total)
+        total = jax.tree_util.tree_map(lambda t: true_divide(t, rule.divisor), total)
     return jax.tree_util.tree_map(lambda t, p: t.astype(p.dtype), total, probe)
 
 
-def _divide(x: Array, divisor: float) -> Array:
+def true_divide(x: Array, divisor: float) -> Array:
     """x / divisor rounded as a true division. XLA rewrites division by a broadcast scalar into a
     multiplication by its reciprocal (1 ulp off); the barrier hides the broadcast from that rewrite,
-    which keeps PAIR's rule bit-exact."""
+    which keeps PAIR's rule (and I-GOS's p / N terms) bit-exact."""
     return x / jax.lax.optimization_barrier(jnp.full(x.shape, divisor, x.dtype))
 
 

@@ -10,38 +10,58 @@ inputs in fixed-shape batches, per-file keys, resumable output directories, atom
   result to `save`, and rewrites the summary after every batch.
 * `file_keys`: one `jax.random` key per input from the seed and its output name, so a stochastic
   method gives an input the same result in any batch, resumed or not.
+* `output_names`: a unique, printable output name per input that fits the file system's name
+  limit with any extension; `check_outputs_apart` keeps outputs from landing on inputs.
 
 `Prefetch` and `BackgroundWriter` turn `run_batches` into a streaming pipeline (see below).
 
 Every file is written atomically (`jaxattr.viz.write_atomically`): an interrupted run leaves
-finished outputs and no half-written file.
+finished outputs and no half-written file (a killed one may leave hidden temporary files, which
+the next run into the directory removes). The summary is merged into the one on disk under an
+exclusive lock (`fcntl.flock` on the directory itself), so concurrent runs into one directory keep
+each other's records. A failed write (no space left, a read-only file system) ends the run with
+a RunError naming the file, after the records of the finished inputs are saved where possible.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
 import queue
+import stat
 import sys
 import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Generic, Mapping, Sequence, TextIO, TypeVar
+from typing import Any, Callable, Generic, Iterator, Mapping, Sequence, TextIO, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxattr._files import display_path
 from jaxattr.image import ImageLoadError
-from jaxattr.viz import write_atomically
+from jaxattr.viz import remove_stale_temporaries, write_atomically
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: summaries are written without a lock
+    fcntl = None  # type: ignore[assignment]
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_CSV = "summary.csv"
+# Output names are at most this many bytes: with an extension or a suffix (".mask.npy") and the
+# temporary name of an atomic write (".<name>.npy.<pid>.tmp") a file name stays within the
+# 255 bytes of NAME_MAX on every common file system.
+MAX_NAME_BYTES = 160
+_HASH_CHARS = 12
 
 Item = TypeVar("Item")
 
@@ -50,10 +70,26 @@ class RunError(Exception):
     """A failure of the whole run that the user can fix (settings clash, unusable inputs)."""
 
 
+def _digest(text: str | os.PathLike) -> str:
+    return hashlib.sha256(os.fsencode(text)).hexdigest()[:_HASH_CHARS]
+
+
+def _fit_name(name: str) -> str:
+    """`name` made printable (undecodable bytes as \\xNN, control characters escaped) and at most
+    MAX_NAME_BYTES long: a longer one keeps its start and ends in a hash of the whole name."""
+    printable = display_path(name)
+    if len(printable.encode()) <= MAX_NAME_BYTES:
+        return printable
+    head = printable.encode()[: MAX_NAME_BYTES - _HASH_CHARS - 1].decode("utf-8", "ignore")
+    return f"{head}-{_digest(name)}"
+
+
 def output_names(paths: Sequence[Path]) -> dict[Path, str]:
     """A unique output name per input path: its stem, or, where stems clash, its path relative to
     the clashing files' common directory with '__' for separators (a/cat.jpg -> a__cat), keeping
-    the extension only where that is the difference (cat.jpg, cat.png)."""
+    the extension only where that is the difference (cat.jpg, cat.png). Names are printable
+    (undecodable bytes and control characters escaped) and at most MAX_NAME_BYTES long (a long
+    one is cut and ends in a stable hash of the path); any clash left gets a hash suffix."""
     by_stem: dict[str, list[Path]] = collections.defaultdict(list)
     for path in paths:
         by_stem[path.stem].append(path)
@@ -62,22 +98,102 @@ def output_names(paths: Sequence[Path]) -> dict[Path, str]:
         if len(group) == 1:
             names[group[0]] = stem
             continue
-        resolved = [p.resolve() for p in group]
-        root = Path(os.path.commonpath([r.parent for r in resolved]))
-        relative = [r.relative_to(root) for r in resolved]
+        absolute = [Path(os.path.normpath(p.absolute())) for p in group]  # not resolved: a link loop cannot be
+        root = Path(os.path.commonpath([a.parent for a in absolute]))
+        relative = [a.relative_to(root) for a in absolute]
         candidates = ["__".join(r.with_suffix("").parts) for r in relative]
         if len(set(candidates)) < len(candidates):
             candidates = ["__".join(r.parts) for r in relative]
         names.update(zip(group, candidates, strict=True))
-    if len(set(names.values())) != len(names):
+    fitted = {path: _fit_name(name) for path, name in names.items()}
+    counts = collections.Counter(fitted.values())
+    for path, name in fitted.items():  # escaping can make two names equal (a file named a\\xff and a\xff)
+        if counts[name] > 1:
+            fitted[path] = _fit_name(f"{names[path]}-{_digest(os.path.normpath(path.absolute()))}")
+    if len(set(fitted.values())) != len(fitted):
         raise RunError("cannot give the inputs distinct output names; rename the clashing files")
-    return {path: names[path] for path in paths}
+    return {path: fitted[path] for path in paths}
+
+
+def _mode(path: Path) -> int | None:
+    """st_mode of `path` (links followed); None if it cannot be stat'ed (missing, a name too long,
+    a link loop: whoever uses it reports why)."""
+    try:
+        return os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+
+
+def _is_dir(path: Path) -> bool:
+    mode = _mode(path)
+    return mode is not None and stat.S_ISDIR(mode)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs_apart(out: Path, inputs: Sequence[Path], *, recursive: bool) -> list[Path]:
+    """Refuse (RunError) an output directory that is one of the input directories: outputs would be
+    written among the inputs, and read as inputs by the next run. Returns the directories a scan
+    must leave out: `out` when a recursive scan of an input directory would reach it."""
+    excluded = []
+    for item in inputs:
+        if not _is_dir(item):
+            continue
+        if _same_file(item, out):
+            raise RunError(
+                f"the output directory {display_path(out)} is an input directory: outputs would be written "
+                f"among the inputs; choose another output directory (one inside it works: {display_path(out / 'saliency')})"
+            )
+        if recursive and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(item)):
+            excluded.append(out)
+    return excluded
+
+
+def check_no_input_overwritten(out: Path, paths: Sequence[Path], outputs: Callable[[Path], Sequence[Path]]) -> None:
+    """Refuse (RunError) a run whose outputs (`outputs(input)` and the summaries) would replace one
+    of its inputs: an input file in the output directory named like an output."""
+    if not _is_dir(out):
+        return
+    produced = {SUMMARY_JSON, SUMMARY_CSV}
+    for path in paths:
+        produced.update(p.name for p in outputs(path))
+    for path in paths:
+        if path.name in produced and _same_file(path.parent, out):
+            raise RunError(
+                f"{display_path(path)} would be overwritten by an output of the same name in {display_path(out)}; "
+                "choose another output directory"
+            )
+
+
+def outputs_complete(paths: Sequence[Path]) -> bool:
+    """Whether every output file exists and reads back: an .npy's header and size (a file cut short
+    or corrupt does not count), a PNG's chunks (`PIL.Image.verify`); other files must exist."""
+    from PIL import Image
+
+    for path in paths:
+        mode = _mode(path)
+        if mode is None or not stat.S_ISREG(mode):
+            return False
+        try:
+            if path.suffix == ".npy":
+                np.load(path, mmap_mode="r", allow_pickle=False)
+            elif path.suffix == ".png":
+                with Image.open(path) as image:
+                    image.verify()
+        except Exception:  # numpy and Pillow raise many kinds for damaged files
+            return False
+    return True
 
 
 def file_keys(seed: int, names: Sequence[str]) -> jax.Array:
     """One typed key per input, from the seed and the input's output name."""
     base = jax.random.key(seed)
-    return jnp.stack([jax.random.fold_in(base, zlib.crc32(name.encode())) for name in names])
+    return jnp.stack([jax.random.fold_in(base, zlib.crc32(os.fsencode(name))) for name in names])
 
 
 def stack_padded(rows: Sequence[Any], size: int) -> tuple[Any, np.ndarray]:
@@ -103,45 +219,141 @@ class OutputDir:
         overwrite: bool = False,
     ):
         """`fields`: the record fields, in CSV column order; `finished`: the status of a record whose
-        input is done (earlier records with another status are dropped: their inputs are retried)."""
+        input is done (earlier records with another status are dropped: their inputs are retried).
+        Nothing is created yet (`create`); an unusable path is a RunError now."""
         self.path = Path(path)
         # What the outputs depend on, as it reads back from JSON (tuples become lists).
         self.settings = json.loads(json.dumps(settings))
         self.fields = list(fields)
+        self.finished = finished
+        self._check_usable()
         earlier = {} if overwrite else self._earlier_records()
         self.records: dict[str, dict] = {n: r for n, r in earlier.items() if r.get("status") == finished}
+        self._replace_summary = overwrite  # the first write replaces the summary on disk
+        self._warned_unlocked = False
+        self._created = False
+
+    def _check_usable(self) -> None:
+        """The path, or the nearest ancestor that exists, is a directory we may write into."""
+        where = display_path(self.path)
+        existing = Path(os.path.abspath(self.path))
+        while True:
+            try:
+                mode = os.stat(existing).st_mode
+                break
+            except (FileNotFoundError, NotADirectoryError):  # not there yet, or under a file
+                if existing.parent == existing:
+                    raise RunError(f"cannot create the output directory {where}") from None
+                existing = existing.parent
+            except OSError as e:  # a name too long, a link loop, no permission to look
+                raise RunError(f"cannot use the output directory {where}: {e.strerror or e}") from None
+        if not stat.S_ISDIR(mode):
+            if existing == Path(os.path.abspath(self.path)):
+                raise RunError(f"the output directory {where} is a file")
+            raise RunError(f"cannot create the output directory {where}: {display_path(existing)} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            reason = "read-only file system" if _read_only(existing) else "permission denied"
+            raise RunError(f"cannot write into the output directory {where}: {reason}")
+
+    def create(self) -> None:
+        """Make the directory (and its parents), the first time clearing what a killed run left
+        half-written (temporary files of atomic writes); RunError if that fails."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create the output directory {display_path(self.path)}: {e.strerror or e}") from None
+        if not self._created:
+            remove_stale_temporaries(self.path)
+            self._created = True
+
+    def _read_summary(self) -> tuple[dict | None, dict[str, dict]]:
+        """(settings, records) of the summary on disk; (None, {}) if there is none or it is unreadable."""
+        path = self.path / SUMMARY_JSON
+        mode = _mode(path)
+        if mode is None or not stat.S_ISREG(mode):
+            return None, {}
+        try:
+            data = json.loads(path.read_text())
+            return data["settings"], {r["output"]: r for r in data["images"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"jaxattr: warning: ignoring unreadable {display_path(path)} ({e})", file=sys.stderr)
+            return None, {}
+
+    def _settings_clash(self, settings: Mapping[str, Any]) -> RunError:
+        changed = sorted(k for k in settings.keys() | self.settings.keys() if settings.get(k) != self.settings.get(k))
+        return RunError(
+            f"{display_path(self.path)} holds outputs of a run with other settings ({', '.join(changed)} differ); "
+            "use another output directory, or --overwrite to replace them"
+        )
 
     def _earlier_records(self) -> dict[str, dict]:
         """Records of earlier runs into this directory, which must have had the same settings."""
-        path = self.path / SUMMARY_JSON
-        if not path.is_file():
-            return {}
-        try:
-            data = json.loads(path.read_text())
-            settings, records = data["settings"], {r["output"]: r for r in data["images"]}
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"jaxattr: warning: ignoring unreadable {path} ({e})", file=sys.stderr)
-            return {}
-        if settings != self.settings:
-            changed = sorted(k for k in settings.keys() | self.settings.keys() if settings.get(k) != self.settings.get(k))
-            raise RunError(
-                f"{self.path} holds outputs of a run with other settings ({', '.join(changed)} differ); "
-                "use another --out, or --overwrite to replace them"
-            )
+        settings, records = self._read_summary()
+        if settings is not None and settings != self.settings:
+            raise self._settings_clash(settings)
         return records
 
     def record(self, record: Mapping[str, Any]) -> None:
         self.records[record["output"]] = dict(record)
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive access to the summary among the processes writing into this directory: a
+        lock on the directory (no lock file to leave behind). Where the file system cannot lock
+        (some network file systems), a warning, and the summary is merged unlocked."""
+        if fcntl is None:
+            yield
+            return
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as e:
+                if not self._warned_unlocked:
+                    print(f"jaxattr: warning: cannot lock {display_path(self.path)} ({e.strerror}); "
+                          "concurrent runs into it may lose summary records", file=sys.stderr)
+                    self._warned_unlocked = True
+            yield  # closing the descriptor releases the lock
+        finally:
+            os.close(fd)
+
     def write_summary(self) -> None:
-        records = list(self.records.values())
-        payload = json.dumps({"settings": self.settings, "images": records}, indent=2)
-        write_atomically(self.path / SUMMARY_JSON, lambda f: f.write(payload.encode()))
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=self.fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
-        write_atomically(self.path / SUMMARY_CSV, lambda f: f.write(text.getvalue().encode()))
+        """Merge this run's records into the summary on disk (records of other runs into the
+        directory are kept; this run's win for the same output) and rewrite it, under the lock.
+        OSError if it cannot be written."""
+        self.create()
+        with self._locked():
+            settings, on_disk = (None, {}) if self._replace_summary else self._read_summary()
+            if settings is not None and settings != self.settings:
+                raise self._settings_clash(settings)
+            merged = {**{n: r for n, r in on_disk.items() if r.get("status") == self.finished}, **self.records}
+            records = list(merged.values())
+            # Undecodable bytes of file names stay \udcXX escapes in JSON (json.loads and os.fsencode
+            # give the bytes back) and are written as the original bytes in the CSV.
+            payload = json.dumps({"settings": self.settings, "images": records}, indent=2)
+            write_atomically(self.path / SUMMARY_JSON, lambda f: f.write(payload.encode()))
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=self.fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(records)
+            write_atomically(self.path / SUMMARY_CSV, lambda f: f.write(text.getvalue().encode("utf-8", "surrogateescape")))
+        self._replace_summary = False
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def write_error(error: OSError, output: OutputDir) -> RunError:
+    """A failed output write as one line naming the file and what the summary still holds."""
+    where = display_path(error.filename) if error.filename else display_path(output.path)
+    return RunError(
+        f"cannot write {where}: {error.strerror or error}; the summary keeps the records of the images "
+        "finished before, and running the same command again resumes"
+    )
 
 
 class Progress:
@@ -205,28 +417,40 @@ def run_batches(
     save(item, inputs, result) -> the item's record, after writing its outputs. The summary is rewritten
     after every batch, so an interrupted run keeps the records of its finished inputs."""
     records = []
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        loaded = []
-        for item in chunk:
-            try:
-                loaded.append((item, load(item)))
-            except ImageLoadError as e:
-                records.append(dict(unreadable(item, e)))
-                output.record(records[-1])
-                progress.note(f"skipped unreadable {e}")
-        if loaded:
-            items = [item for item, _ in loaded]
-            inputs, valid = stack_padded([inputs for _, inputs in loaded], batch_size)
-            results = compute(Batch(items, inputs, valid))
-            for (item, inputs), result in zip(loaded, results, strict=True):
-                records.append(dict(save(item, inputs, result)))
-                output.record(records[-1])
-        output.write_summary()
-        progress.advance(len(chunk))
+    try:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            loaded = []
+            for item in chunk:
+                try:
+                    loaded.append((item, load(item)))
+                except ImageLoadError as e:
+                    records.append(dict(unreadable(item, e)))
+                    output.record(records[-1])
+                    progress.note(f"skipped unreadable {e}")
+            if loaded:
+                items = [item for item, _ in loaded]
+                inputs, valid = stack_padded([inputs for _, inputs in loaded], batch_size)
+                results = compute(Batch(items, inputs, valid))
+                for (item, inputs), result in zip(loaded, results, strict=True):
+                    records.append(dict(save(item, inputs, result)))
+                    output.record(records[-1])
+            output.write_summary()
+            progress.advance(len(chunk))
+    except OSError as e:
+        _save_what_is_finished(output)
+        raise write_error(e, output) from None
+    except BaseException:  # an interrupt or a failure: keep the records of what finished
+        _save_what_is_finished(output)
+        raise
     return records
 
 
+def _save_what_is_finished(output: OutputDir) -> None:
+    try:
+        output.write_summary()
+    except (OSError, RunError):  # the disk is full, say: the summary on disk stays as it was
+        pass
 
 # ----------------------------------------------------------------- the streaming pipeline
 #

@@ -22,9 +22,16 @@ BATCH_AXIS = "batch"
 
 def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh over `devices` (default: all local devices) with the axis 'batch'."""
+    if isinstance(devices, (str, bytes, jax.Device)):
+        raise TypeError(f"devices must be a sequence of jax.Device, e.g. jax.local_devices(), got {devices!r}")
     devices = jax.local_devices() if devices is None else list(devices)
     if not devices:
         raise ValueError("need at least one device")
+    named = [d for d in devices if not isinstance(d, jax.Device)]
+    if named:
+        raise TypeError(
+            f"devices must be jax.Device objects, e.g. jax.local_devices() or jax.devices('gpu'), got {named[0]!r}"
+        )
     return Mesh(np.asarray(devices), (BATCH_AXIS,))
 
 

@@ -9,7 +9,9 @@ Turbo, evaluated from its published polynomial.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -135,7 +137,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None])
     A crash leaves either the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # see _TEMPORARY
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -144,6 +146,33 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None])
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_TEMPORARY = re.compile(r"\..+\.(\d+)\.tmp")  # write_atomically's temporary names: .<name>.<pid>.tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError):  # not a process id
+        return False
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> None:
+    """Delete the temporary files `write_atomically` left in `directory` when its process was killed
+    (kill -9 skips the cleanup): those whose process is gone. A live process's temporaries (a
+    concurrent run writing into the same directory) are left alone."""
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            match = _TEMPORARY.fullmatch(entry.name)
+            if match and not _alive(int(match.group(1))):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def save_png(path: str | os.PathLike, image: Float[np.ndarray, "h w 3"]) -> None:

@@ -27,7 +27,7 @@ def scipy_blur(images: np.ndarray, sigma, mode: str) -> np.ndarray:
     return np.stack([ndimage.gaussian_filter(image, (sigma_h, sigma_w, 0), mode=mode) for image in images])
 
 
-@pytest.mark.parametrize("mode", ["constant", "reflect"])
+@pytest.mark.parametrize("mode", ["constant", "reflect", "mirror"])
 @pytest.mark.parametrize("sigma", SIGMAS, ids=str)
 def test_float32_blur_is_scipys_to_the_bit(rng, mode, sigma):
     # SciPy sums each axis in float64 and rounds once; the exact float32 scheme does the same.
@@ -38,7 +38,7 @@ def test_float32_blur_is_scipys_to_the_bit(rng, mode, sigma):
     np.testing.assert_array_equal(ours, scipy_blur(images, sigma, mode))
 
 
-@pytest.mark.parametrize("mode", ["constant", "reflect"])
+@pytest.mark.parametrize("mode", ["constant", "reflect", "mirror"])
 @pytest.mark.parametrize("sigma", [0.7, 4.0, 50.0])
 def test_float32_blur_is_exact_on_a_larger_non_square_image(rng, mode, sigma):
     images = rng.rand(1, 64, 48, 3).astype(np.float32)
@@ -46,7 +46,7 @@ def test_float32_blur_is_exact_on_a_larger_non_square_image(rng, mode, sigma):
     np.testing.assert_array_equal(ours, scipy_blur(images, sigma, mode))
 
 
-@pytest.mark.parametrize("mode", ["constant", "reflect"])
+@pytest.mark.parametrize("mode", ["constant", "reflect", "mirror"])
 @pytest.mark.parametrize("sigma", SIGMAS, ids=str)
 def test_float64_blur_matches_scipy(rng, mode, sigma):
     images = rng.randn(2, 7, 9, 3)
@@ -74,7 +74,7 @@ def test_kernel_and_radius_follow_scipy():
         np.testing.assert_array_equal(weights, ndimage.gaussian_filter1d(delta, sigma, mode="constant"))
 
 
-@pytest.mark.parametrize("mode", ["constant", "reflect"])
+@pytest.mark.parametrize("mode", ["constant", "reflect", "mirror"])
 @pytest.mark.parametrize("size, sigma", [(11, 5.0), (4, 9.0), (1, 2.0), (16, 0.8)])
 def test_blur_matrix_is_the_filter_of_the_unit_vectors(mode, size, sigma):
     expected = ndimage.gaussian_filter1d(np.eye(size), sigma, axis=0, mode=mode)
@@ -109,7 +109,7 @@ def test_a_kernel_table_blurs_like_gaussian_blur(rng):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(gaussian_blur(images, sigma)))
 
 
-@pytest.mark.parametrize("mode", ["constant", "reflect"])
+@pytest.mark.parametrize("mode", ["constant", "reflect", "mirror"])
 def test_blur_is_differentiable(rng, mode):
     # The blur is linear: its VJP applies the transposed filter matrices.
     images = rng.rand(1, 6, 5, 3).astype(np.float32)

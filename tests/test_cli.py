@@ -243,7 +243,10 @@ def test_config_fields_become_options(images, tmp_path, weights, probe_method):
         "x",
     ]
     assert _explain([images / "rgb.png"], tmp_path / "out", weights, "--method", "probe", *options) == 0
-    ((config, key),) = probe_method
+    # The method is called on the images (and first traced on abstract ones, to check the
+    # settings on the model before any work): every call gets the options.
+    assert probe_method and all(seen == probe_method[-1] for seen in probe_method)
+    config, key = probe_method[-1]
     assert config == ProbeConfig(
         steps=8, rule="right", scale=0.5, normalise=False, sigmas=(1.0, 2.5), layer="x"
     )
@@ -292,10 +295,10 @@ def test_target_by_class_name(images, tmp_path, weights, probe_method, capsys):
     assert _explain([images / "rgb.png"], out, weights, "--method", "probe", "--target", "Tabby") == 0
     assert _summary(out)["rgb"]["class_index"] == 281 and _summary(out)["rgb"]["label"] == "tabby"
     assert (
-        _explain([images / "rgb.png"], tmp_path / "o2", weights, "--method", "probe", "--target", "1000") == 1
+        _explain([images / "rgb.png"], tmp_path / "o2", weights, "--method", "probe", "--target", "1000") == 2
     )
     assert "out of range: resnet18 has 1000 classes" in capsys.readouterr().err
-    assert _explain([images / "rgb.png"], tmp_path / "o3", weights, "--target", "tabbby") == 1
+    assert _explain([images / "rgb.png"], tmp_path / "o3", weights, "--target", "tabbby") == 2
     assert "did you mean: tabby" in capsys.readouterr().err
 
 
@@ -339,7 +342,7 @@ def test_imagenet_labels_are_shipped():
 
 
 def test_unknown_model_lists_the_choices(images, tmp_path, capsys):
-    assert cli.main(["explain", str(images), "--model", "resnet19", "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["explain", str(images), "--model", "resnet19", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'resnet19'" in err and "resnet18" in err
 
@@ -545,3 +548,26 @@ def test_explain_runs_without_torch_and_convert_says_what_to_install(tmp_path, w
     assert done.returncode == 0, done.stderr
     assert "pip install 'jaxattr[torch]'" in done.stderr
     assert (tmp_path / "out" / "cat.png").is_file() and (tmp_path / "out" / "cat.npy").is_file()
+
+
+def test_extra_outputs_are_saved_beside_the_map_and_resumed(images, tmp_path, weights, monkeypatch):
+    """A method's extras (MethodSpec.extras, e.g. I-GOS's masks) become <name>.<extra>.npy, written
+    with the map and skipped with it on a re-run."""
+
+    def probe(model, images, targets=None, *, config=None, key=None):
+        return images
+
+    def with_cells(model, images, targets=None, *, config=None, key=None):
+        return images, {"cells": images[:, ::8, ::8, 0]}
+
+    spec = MethodSpec("probe", probe, ProbeConfig, "test", saliency=maps.abs_sum, contrast=maps.Contrast(), extras=with_cells)
+    monkeypatch.setitem(method_base._METHODS, "probe", spec)
+    (images / "broken.jpg").unlink()
+    out = tmp_path / "out"
+    assert _explain([images], out, weights, "--method", "probe") == 0
+    for name in ("grey", "rgb", "rgba", "sixteen"):
+        image = load_image(images / f"{name}.png", model_info("resnet18"))
+        np.testing.assert_array_equal(np.load(out / f"{name}.cells.npy"), image[::8, ::8, 0])
+    first = _mtimes(out)
+    assert _explain([images], out, weights, "--method", "probe") == 0
+    assert _mtimes(out) == first and len(first) == 12

@@ -109,7 +109,7 @@ def test_scores_equal_the_library_called_directly(data, evaluated):
             "rise_deletion": metrics.rise_deletion(model, images, maps, targets, step=12544, chunk=8).auc,
             "rise_insertion": metrics.rise_insertion(model, images, maps, targets, step=12544, chunk=8).auc,
             "igos_deletion": metrics.igos_deletion(
-                model, images, evaluation.saliency_cells(maps, 2), evaluation.blurred_baselines(images), targets, chunk=8
+                model, images, evaluation.saliency_cells(maps, 2), evaluation.igos_baselines(images), targets, chunk=8
             ).score,
             "pos": metrics.perturbation_curves(model, images, maps, targets, chunk=8).accuracy_auc,
             "ins": metrics.perturbation_curves(model, images, maps, targets, mode="negative", chunk=8).probability_auc,
@@ -277,9 +277,17 @@ def test_directories_that_cannot_be_compared_are_refused(data, explained, tmp_pa
     ]:
         assert _main("evaluate", explained["saliency"], "--out", out, *extra) == 2
         assert message in _errors(capsys)
-    assert _main("evaluate", explained["saliency"], "--out", explained["saliency"]) == 2
-    assert "--out must be another directory" in _errors(capsys)
-    assert not out.exists()
+    # The output directory is never one it reads: an explain directory, or an image directory of --method.
+    before = sorted(p.name for p in Path(explained["saliency"]).iterdir())
+    assert _main("evaluate", explained["saliency"], "--out", explained["saliency"]) == 1
+    assert "is an input directory" in _errors(capsys)
+    assert sorted(p.name for p in Path(explained["saliency"]).iterdir()) == before
+    images = data / "images"
+    assert _main("evaluate", images, "--method", "saliency", "--out", images) == 1
+    assert "is an input directory" in _errors(capsys)
+    assert _main("evaluate", images, "--method", "saliency", "--recursive", "--out", images / "scores") == 1
+    assert "scanned with --recursive" in _errors(capsys)
+    assert not out.exists() and not (images / "scores").exists()
 
 
 def test_bad_masks(data, explained, tmp_path, capsys):
@@ -306,8 +314,8 @@ def test_bad_masks(data, explained, tmp_path, capsys):
     assert "no mask in" in _errors(capsys)
 
 
-def test_igos_masks_seam(data, explained, tmp_path):
-    """SEAM(igos): <name>.mask.npy beside a map (what I-GOS's explain writes) is scored by the I-GOS
+def test_igos_masks_beside_the_maps_are_scored(data, explained, tmp_path):
+    """<name>.mask.npy beside a map (what I-GOS's explain writes) is scored by the I-GOS
     metric instead of the map's cells."""
     source = _copy(explained["saliency"], tmp_path / "igos_like")
     masks = np.random.RandomState(4).rand(2, 2, 2).astype(np.float32)  # as --mask-size 2: the compiled programs are reused
@@ -319,5 +327,5 @@ def test_igos_masks_seam(data, explained, tmp_path):
     model = create_model("resnet18", weights=data / "resnet18.safetensors")
     images = jnp.asarray(np.stack([load_image(data / "images" / f"{n}.png", info) for n in NAMES]))
     targets = [r["class_index"] for r in sorted(json.loads((source / "summary.json").read_text())["images"], key=lambda r: r["output"])]
-    expected = metrics.igos_deletion(model, images, masks, evaluation.blurred_baselines(images), jnp.asarray(targets), chunk=8)
+    expected = metrics.igos_deletion(model, images, masks, evaluation.igos_baselines(images), jnp.asarray(targets), chunk=8)
     np.testing.assert_allclose(_per_image(out)["saliency"]["igos_deletion"], np.asarray(expected.score), rtol=1e-5)

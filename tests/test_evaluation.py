@@ -5,7 +5,6 @@ torchvision's transforms."""
 
 import numpy as np
 import pytest
-import scipy.ndimage
 import torch
 import torchvision.transforms as T
 from PIL import Image
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 
 from jaxattr import evaluation, metrics
 from jaxattr.image import preprocess_labels
+from jaxattr.methods.igos import igos_baselines
 from jaxattr.models import model_info
 
 SIZE = 16
@@ -81,7 +81,7 @@ def test_evaluate_maps_equals_the_metrics_one_by_one(batch, results):
 
 
 def test_igos_masks_seam_scores_the_given_masks(batch):
-    """SEAM(igos): I-GOS's own masks replace the cells of the map (here: a mask that disagrees with it)."""
+    """I-GOS's own masks replace the cells of the map (here: a mask that disagrees with it)."""
     images, maps, _ = batch
     model = tiny_forward()
     masks = np.random.RandomState(5).rand(3, 4, 4).astype(np.float32)
@@ -122,13 +122,13 @@ def test_saliency_cells_are_minus_torch_adaptive_average_pooling(shape, size):
         evaluation.saliency_cells(maps, min(shape) + 1)
 
 
-def test_blurred_baselines_are_scipys_gaussian():
-    """The stand-in for I-GOS's baseline (SEAM(igos)): a 51-tap window, sigma 50, reflected border."""
-    images = np.random.RandomState(2).rand(2, 40, 33, 3).astype(np.float32)
-    ours = np.asarray(evaluation.blurred_baselines(images))
-    reference = np.stack([scipy.ndimage.gaussian_filter(x, (50, 50, 0), mode="reflect", truncate=0.5) for x in images])
-    np.testing.assert_allclose(ours, reference, atol=1e-6)
-    assert [evaluation.blur_kernel_size(s) for s in (224, 499, 500, 799, 800)] == [51, 51, 151, 151, 201]
+def test_the_igos_metric_defaults_to_igos_baselines(batch):
+    """The I-GOS metric's substrate is the I-GOS method's baseline (tested in test_igos.py), one function."""
+    images, maps, _ = batch
+    model = tiny_forward()
+    masks = np.random.RandomState(6).rand(3, 4, 4).astype(np.float32)
+    scored = evaluation.evaluate_maps(model, images, maps, metrics=["igos"], igos_masks=masks, **OPTIONS)
+    _equal(scored["igos_insertion"], metrics.igos_insertion(model, images, masks, igos_baselines(images), chunk=4))
 
 
 def test_result_rows_round_trip(results):

@@ -4,20 +4,26 @@
 `main(argv) -> exit status`. PyTorch is imported only by `convert --verify/--random-init` and by
 `crosscheck` (through the `converters` package), so `jaxattr explain` runs on the core install.
 Every failure a user can cause is one line on stderr (`jaxattr: error: ...`, exit 1) or a usage
-error (exit 2); an interrupted run exits 130 and resumes when run again.
+error (exit 2); an interrupted run (Ctrl-C: 130, SIGTERM: 143) saves the records of what it
+finished, ignores further interrupts while it does, and resumes when run again.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import os
+import signal
 import sys
-from typing import Sequence
+import threading
+from typing import Iterator, Sequence
 
 from jaxattr.cli import bench, convert, crosscheck, evaluate, explain, models
 from jaxattr.cli._common import CliError, config_flags
 from jaxattr.methods import list_methods
 from jaxattr.models import WeightsError
+from jaxattr.run import RunError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,17 +78,71 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: unwinds like Ctrl-C, so finished work is saved on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame) -> None:
+    # Further signals are ignored from now on: the run is already stopping, and a second Ctrl-C
+    # must not break the summary write or the message on the way out.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted while a command runs (main thread only). After one
+    has arrived they stay ignored: the process is on its way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except Interrupted:
+        raise
+    except BaseException:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        raise
+    else:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _report(message: str) -> None:
+    try:
+        print(message, file=sys.stderr)
+    except (OSError, ValueError):  # stderr closed: nothing left to tell
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parse_args(argv)
-        return args.run(args)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
-        return e.code if isinstance(e.code, int) else 2
-    except (CliError, WeightsError) as e:
-        print(f"jaxattr: error: {e}", file=sys.stderr)
-        return getattr(e, "status", 1)
-    except KeyboardInterrupt:
-        print("\njaxattr: interrupted; finished outputs are kept, run the same command to resume", file=sys.stderr)
-        return 130
+        with _signals_interrupt():
+            try:
+                args = parse_args(argv)
+                return args.run(args)
+            except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+                return e.code if isinstance(e.code, int) else 2
+            except (CliError, WeightsError, RunError) as e:
+                _report(f"jaxattr: error: {e}")
+                return getattr(e, "status", 1)
+            except MemoryError:
+                _report("jaxattr: error: out of memory; lower --batch-size or the method's sizes, or set --chunk")
+                return 1
+            except BrokenPipeError:  # stdout closed early (`jaxattr ... | head`): stop quietly
+                with contextlib.suppress(OSError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 1
+    except KeyboardInterrupt as e:
+        status = 128 + getattr(e, "signum", signal.SIGINT)
+        _report("\njaxattr: interrupted; finished outputs are kept, run the same command to resume")
+        return status

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import sys
 import types
 import typing
 from typing import Any, Iterator, Sequence
@@ -14,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxattr import memory
 from jaxattr.config import ConfigError, literal_choices
+from jaxattr.image import MAX_PIXELS, Preprocessing
 from jaxattr.methods import Method, list_methods, method_spec
 from jaxattr.models import model_info
 from jaxattr.models.registry import ModelInfo
@@ -34,18 +37,94 @@ class CliError(Exception):
         self.status = status
 
 
+# ------------------------------------------------------------ option types: one-line errors, exit 2
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+SEED_RANGE = 2**32  # jax.random.key takes any 32-bit seed
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < SEED_RANGE:
+        raise argparse.ArgumentTypeError(f"must be in [0, {SEED_RANGE - 1}], got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def add_preprocessing_options(parser: argparse.ArgumentParser) -> None:
+    """--resize, --crop / --no-crop, --interpolation: the eval transform, default the model's."""
+    group = parser.add_argument_group("preprocessing (default: the model's eval transform, see `jaxattr models`)")
+    group.add_argument("--resize", type=positive_int, metavar="N", help="resize the shorter side to N (with --no-crop: the image to NxN)")
+    crop = group.add_mutually_exclusive_group()
+    crop.add_argument("--crop", type=positive_int, metavar="N", help="centre-crop NxN after the resize (the model's input size)")
+    crop.add_argument("--no-crop", dest="crop", action="store_const", const=0, help="no crop: resize the whole image to NxN")
+    group.add_argument("--interpolation", choices=("bilinear", "bicubic"), help="resize filter (Pillow's, as torchvision)")
+
+
+def preprocessing(args: argparse.Namespace, info: ModelInfo) -> Preprocessing:
+    """The model's eval transform with the options given: --crop N alone keeps the model's ratio
+    of resize to crop, --resize N alone keeps its crop, --no-crop alone resizes to its input size."""
+    default = Preprocessing.of(info)
+    crop = {None: default.crop, 0: None}.get(args.crop, args.crop)
+    if args.resize is not None:
+        resize = args.resize
+    elif args.crop is None:
+        resize = default.resize
+    else:
+        resize = Preprocessing.of(info, crop).resize if crop is not None else info.image_size
+    transform = Preprocessing(resize, crop, args.interpolation or default.interpolation)
+    if transform.resize * transform.resize > MAX_PIXELS:
+        raise CliError(f"argument --resize: {transform.resize} makes images above {MAX_PIXELS} pixels", status=2)
+    return transform
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+def fit_memory(method: Method, model: Any, batch: int, image_shape: tuple[int, ...], dtype: Any = jnp.float32) -> Method:
+    """`method` with chunk sizes that fit the memory available (a note on stderr when one is
+    chosen), or a usage error with the estimate when nothing fits."""
+    try:
+        fitted = memory.fit(method, model, batch, image_shape, dtype)
+    except memory.MemoryEstimateError as e:
+        raise CliError(f"{e}; lower --batch-size or the method's sizes (--steps, --samples), or set --chunk", status=2) from None
+    chosen = [
+        f"{'.'.join(path)}={value}"
+        for (path, value), (_, before) in zip(memory.chunk_fields(fitted), memory.chunk_fields(method))
+        if value != before
+    ]
+    if chosen:
+        print(f"jaxattr: note: {method.spec.name} runs with {', '.join(chosen)} to fit the memory available", file=sys.stderr)
+    return fitted
 
 
 def lookup_model(name: str) -> ModelInfo:
     try:
         return model_info(name)
     except ValueError as e:
-        raise CliError(f"{e} (see `jaxattr models`)") from None
+        raise CliError(f"argument --model: {e} (see `jaxattr models`)", status=2) from None
 
 
 @contextlib.contextmanager

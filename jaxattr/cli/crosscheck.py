@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 import jax
 
-from jaxattr.cli._common import CliError, count, lookup_model, needs_extra, positive_int, random_images
+from jaxattr.cli._common import CliError, count, fit_memory, lookup_model, needs_extra, positive_int, random_images, seed
 from jaxattr.image import ImageLoadError, load_batch
+from jaxattr.methods import list_methods, method_spec
 
 
 def add_parser(commands) -> None:
@@ -22,7 +24,7 @@ def add_parser(commands) -> None:
     cc.add_argument("--images", nargs="+", type=Path, metavar="FILE", help="image files (default: random images)")
     cc.add_argument("--image-size", type=positive_int, metavar="N", help="image size (default: the model's)")
     cc.add_argument("--batch", type=positive_int, default=2, metavar="N", help="random images (default 2)")
-    cc.add_argument("--seed", type=int, default=0, metavar="N", help="seed of random weights and images (default 0)")
+    cc.add_argument("--seed", type=seed, default=0, metavar="N", help="seed of random weights and images (default 0)")
     cc.set_defaults(run=run, parser=cc)
 
 
@@ -45,8 +47,10 @@ def run(args: argparse.Namespace) -> int:
         if args.method not in references:
             raise CliError(f"no PyTorch reference for {args.method!r}; cross-checkable: {', '.join(references)}")
         model, torch_model = crosscheck.twin_models(args.model, random_init=args.random_init, seed=args.seed)
+        dtype = args.dtype or references[args.method].default_dtype
+        options = _fitting_options(references[args.method], model, len(images), size, dtype)
         try:
-            result = crosscheck.run(args.method, model, torch_model, images, dtype=args.dtype)
+            result = crosscheck.run(args.method, model, torch_model, images, dtype=args.dtype, **options)
         except ValueError as e:
             raise CliError(str(e)) from None
     weights = f"random weights (seed {args.seed})" if args.random_init else "pretrained weights"
@@ -55,3 +59,17 @@ def run(args: argparse.Namespace) -> int:
     verdict = "ok" if result.ok else "EXCEEDED"
     print(f"max_rel_diff={result.max_rel_diff:.3e} tolerance={result.tolerance:.0e} {verdict}")
     return 0 if result.ok else 1
+
+
+def _fitting_options(reference, model, batch: int, size: int, dtype: str) -> dict:
+    """The method's defaults with chunk sizes that fit the memory available (both sides evaluate
+    the same chunks: captum's internal batch size is the chunk), as the runner's `config=`."""
+    if reference.method not in list_methods():
+        return {}
+    default = method_spec(reference.method).build()
+    fitted = fit_memory(default, model, batch, (size, size, 3), dtype)
+    if fitted == default:
+        return {}
+    if "config" not in inspect.signature(reference.runner).parameters:
+        raise CliError(f"{reference.method} does not fit the memory available; use fewer or smaller images", status=2)
+    return {"config": fitted.config}

@@ -34,13 +34,13 @@ import numpy as np
 
 from jaxattr import viz
 from jaxattr.cli import explain
-from jaxattr.cli._common import CliError, config_options, flag, format_table, lookup_model, positive_int
+from jaxattr._files import display_path
+from jaxattr.cli._common import CliError, config_options, flag, format_table, lookup_model, positive_int, seed
 from jaxattr.config import ConfigError
 from jaxattr.evaluation import (
     DEFAULT_METRICS,
     IGOS_MASK_SIZE,
     METRIC_GROUPS,
-    blurred_baselines,
     check_metrics,
     evaluate_maps,
     result_rows,
@@ -49,13 +49,14 @@ from jaxattr.evaluation import (
     stack_rows,
     valid_rows,
 )
-from jaxattr.image import ImageLoadError, expand_paths, open_image, preprocess, preprocess_labels
+from jaxattr.image import ImageLoadError, Preprocessing, expand_paths, open_image, preprocess, preprocess_labels
 from jaxattr.maps import upsample
 from jaxattr.methods import MethodSpec, list_methods, method_spec
+from jaxattr.methods.igos import MASK_OUTPUT, igos_baselines
 from jaxattr.metrics import DEFAULT_CHUNK, RISE_STEPS, binary_mask, segmentation
 from jaxattr.models import create_model
 from jaxattr.report import method_records, write_report
-from jaxattr.run import SUMMARY_JSON, Batch, OutputDir, Progress, RunError, run_batches
+from jaxattr.run import SUMMARY_JSON, Batch, OutputDir, Progress, RunError, check_outputs_apart, run_batches
 
 EVALUATED = "evaluated"
 INCOMPLETE = "incomplete"  # some method's map could not be scored (missing, NaN/inf); retried on a re-run
@@ -63,10 +64,9 @@ EXPLAIN_DIR = "explain"  # OUT/explain/<method>: the explanations of --method
 INPUTS_DIR = "inputs"  # OUT/inputs/<name>.png: the preprocessed images, shown in the report
 RESULTS_DIR = "results"  # OUT/results/<name>.npz: every metric result of the image
 RECORD_FIELDS = ["file", "output", "status", "message"]
-# SEAM(igos): I-GOS's `jaxattr explain` writes its low-resolution mask (low = salient) beside the map as
-# <name>.mask.npy (MethodSpec.extras on branch igos). Where it exists, the I-GOS metric scores that
-# mask; every other method's map is averaged over the cells of --mask-size (`saliency_cells`).
-IGOS_MASK_SUFFIX = ".mask.npy"
+# I-GOS's `jaxattr explain` writes its low-resolution mask (low = salient) beside the map
+# (`explain.extra_output(..., MASK_OUTPUT)`). Where it exists, the I-GOS metric scores that mask;
+# every other method's map is averaged over the cells of --mask-size (`saliency_cells`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +87,12 @@ class Source:
 
     def model_text(self) -> str:
         return "{} with {} weights".format(*self.model)
+
+    def preprocessing(self, info) -> Preprocessing:
+        """The eval transform the maps were made with (recorded by explain; older directories:
+        the model's)."""
+        recorded = self.settings.get("preprocessing")
+        return Preprocessing(**recorded) if recorded else Preprocessing.of(info)
 
 
 def _names(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -112,7 +118,7 @@ def _step(text: str) -> int | str:
         return text
     try:
         return positive_int(text)
-    except ValueError:
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a number of pixels or one of {', '.join(RISE_STEPS)}, got {text!r}") from None
 
 
@@ -170,7 +176,7 @@ def add_parser(commands) -> None:
                     "--method: a check of the directories' model)")
     ex.add_argument("--weights", metavar="FILE", help="weights file (default: pretrained; without --method: a check)")
     ex.add_argument("--target", metavar="CLASS", help="explain and score this class instead of each prediction")
-    ex.add_argument("--seed", type=int, metavar="N", help="random seed of stochastic methods (default 0)")
+    ex.add_argument("--seed", type=seed, metavar="N", help="random seed of stochastic methods (default 0)")
     ex.add_argument("--recursive", action="store_true", help="also take images in subdirectories")
     ev.set_defaults(run=run, parser=ev)
 
@@ -255,9 +261,9 @@ def explain_first(args: argparse.Namespace) -> list[Path]:
 
 
 def _igos_mask_shape(directory: Path, names: list[str]) -> tuple[int, ...] | None:
-    """SEAM(igos): the shape of the first I-GOS mask file in `directory`, None if it has none."""
+    """The shape of the first I-GOS mask file in `directory`, None if it has none."""
     for name in names:
-        path = directory / f"{name}{IGOS_MASK_SUFFIX}"
+        path = explain.extra_output(directory, name, MASK_OUTPUT)
         if path.is_file():
             try:
                 return np.load(path, mmap_mode="r", allow_pickle=False).shape
@@ -282,6 +288,8 @@ def read_source(directory: Path) -> Source:
         method = settings["method"]
         if not isinstance(settings["model"], str):
             raise TypeError(f"model {settings['model']!r}")
+        if settings.get("preprocessing"):
+            Preprocessing(**settings["preprocessing"])  # TypeError / ValueError if damaged
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CliError(f"{path} is not a summary of `jaxattr explain` ({e})") from None
     if not records:
@@ -309,6 +317,11 @@ def check_sources(sources: list[Source], args: argparse.Namespace) -> list[tuple
         if source.model != first.model:
             raise CliError(f"{source.directory} holds explanations of {source.model_text()}, {first.directory} of "
                            f"{first.model_text()}: evaluate compares maps of one model")
+    info = lookup_model(first.model[0])
+    for source in sources[1:]:
+        if source.preprocessing(info) != first.preprocessing(info):
+            raise CliError(f"{source.directory} and {first.directory} explain images preprocessed differently "
+                           f"({source.preprocessing(info)} and {first.preprocessing(info)}): evaluate compares maps of the same inputs")
     model, weights = first.model
     if args.model and args.model != model or args.weights and str(Path(args.weights).resolve()) != weights:
         given = f"--model {args.model}" if args.model and args.model != model else f"--weights {args.weights}"
@@ -346,7 +359,7 @@ def mask_index(directory: Path, images: list[tuple[str, Path]]) -> dict[str, lis
 
 
 def load_truth(index: dict[str, list[Path]], directory: Path, name: str, file: Path, size: tuple[int, int],
-               info, threshold: float | None) -> np.ndarray:
+               transform: Preprocessing, threshold: float | None) -> np.ndarray:
     """The image's ground-truth mask, through the image's eval transform (NEAREST), as bool."""
     candidates = index.get(name) or index.get(file.stem) or []
     if len(candidates) != 1:
@@ -360,7 +373,7 @@ def load_truth(index: dict[str, list[Path]], directory: Path, name: str, file: P
     if labels.mode in ("LA", "La", "PA"):  # grey or palette values with transparency: the values
         labels = labels.getchannel(0)
     try:
-        return binary_mask(preprocess_labels(labels, info), threshold=threshold)
+        return binary_mask(preprocess_labels(labels, transform), threshold=threshold)
     except ValueError as e:
         hint = " (--threshold X)" if threshold is None and "threshold" in str(e) else ""
         raise ImageLoadError(path, f"{e}{hint}") from None
@@ -417,8 +430,8 @@ def _read_map(source: Source, path: Path, shape: tuple[int, int]) -> tuple[np.nd
 
 
 def _read_igos_mask(source: Source, name: str) -> tuple[np.ndarray, str]:
-    """SEAM(igos): the image's I-GOS mask from <name>.mask.npy (NaN and a problem if unusable)."""
-    path = source.directory / f"{name}{IGOS_MASK_SUFFIX}"
+    """The image's I-GOS mask from <name>.mask.npy (NaN and a problem if unusable)."""
+    path = explain.extra_output(source.directory, name, MASK_OUTPUT)
     nan = np.full(source.mask_shape, np.nan, np.float32)
     if not path.is_file():
         return nan, f"{source.label}: no I-GOS mask {path.name}"
@@ -463,14 +476,13 @@ def run(args: argparse.Namespace) -> int:
     _check_report_extra()
     if args.model:
         lookup_model(args.model)  # an unknown name fails before any work
+    _check_out(args)
     directories = explain_first(args) if args.method else [Path(p) for p in args.inputs]
     sources = _labelled([read_source(d) for d in directories])
-    if args.out.resolve() in {s.directory.resolve() for s in sources}:
-        args.parser.error("--out must be another directory than the explain directories it evaluates")
     images = check_sources(sources, args)
-    info = lookup_model(sources[0].model[0])
-    if args.mask_size > info.image_size:
-        args.parser.error(f"--mask-size {args.mask_size} is larger than the images ({info.image_size} px)")
+    transform = sources[0].preprocessing(lookup_model(sources[0].model[0]))
+    if args.mask_size > transform.size:
+        args.parser.error(f"--mask-size {args.mask_size} is larger than the images ({transform.size} px)")
     masks = mask_index(args.masks, images) if args.masks is not None else None
     model, weights = sources[0].model
     settings = {
@@ -483,6 +495,7 @@ def run(args: argparse.Namespace) -> int:
         "mask_size": args.mask_size,
         "masks": str(args.masks.resolve()) if args.masks is not None else None,
         "threshold": args.threshold,
+        "preprocessing": transform.to_dict(),
     }
     fields = RECORD_FIELDS + [f"{s.label}.{score}" for s in sources for score in score_names(groups)]
     try:
@@ -494,7 +507,7 @@ def run(args: argparse.Namespace) -> int:
     if done:
         print(f"{len(done)} of {len(images)} images already evaluated in {args.out}; skipping them", file=sys.stderr)
     if todo:
-        _evaluate_images(todo, sources, groups, info, masks, args, output)
+        _evaluate_images(todo, sources, groups, transform, masks, args, output)
     records = [output.records.get(name, {"output": name, "status": "not evaluated"}) for name, _ in images]
     reported = [(name, file) for (name, file), r in zip(images, records) if r["status"] in (EVALUATED, INCOMPLETE)]
     failed = [r for r in records if r["status"] != EVALUATED]
@@ -502,21 +515,36 @@ def run(args: argparse.Namespace) -> int:
         print(f"jaxattr: {record['output']}: {record['status']}: {record.get('message', '')}", file=sys.stderr)
     if not reported:
         raise CliError(f"no image could be evaluated; see {args.out / SUMMARY_JSON}")
-    summary = _write_report(reported, sources, groups, settings, args)
+    try:
+        summary = _write_report(reported, sources, groups, settings, args)
+    except OSError as e:
+        raise CliError(f"cannot write the report in {display_path(args.out)}: {e.strerror or e}; the summary keeps "
+                       "the evaluated images, and running the same command again writes it") from None
     print(summary)
     print(f"{len(todo) - len(failed)} evaluated, {len(done)} already done, {len(failed)} failed; "
           f"report.html, metrics.json / metrics.csv and curves in {args.out}", file=sys.stderr)
     return 1 if failed else 0
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """--out never lands on what it reads: not an explain directory evaluated (nor an input
+    directory of --method); inside an image directory scanned with --recursive, its preprocessed
+    inputs and maps would be read as images by the next run."""
+    inputs = [Path(p) for p in args.inputs]
+    if args.method and args.recursive and check_outputs_apart(args.out, inputs, recursive=True):
+        raise CliError(f"the output directory {display_path(args.out)} is inside an input directory scanned with "
+                       "--recursive: its images would be read as inputs; choose an output directory outside it")
+    check_outputs_apart(args.out, inputs, recursive=False)
+
+
 def _results_path(out: Path, name: str) -> Path:
     return out / RESULTS_DIR / f"{name}.npz"
 
 
-def _evaluate_images(todo, sources: list[Source], groups, info, masks, args, output: OutputDir) -> None:
+def _evaluate_images(todo, sources: list[Source], groups, transform: Preprocessing, masks, args, output: OutputDir) -> None:
     model_name, weights = sources[0].model
-    model = create_model(model_name, weights=weights)
-    args.out.mkdir(parents=True, exist_ok=True)
+    model = create_model(model_name, weights=weights, image_size=transform.size)
+    output.create()
     batch_size = min(args.batch_size, len(todo))
     progress = Progress(len(todo), sys.stderr)
     problems: dict[str, list[str]] = {}  # per image: what could not be scored
@@ -527,11 +555,11 @@ def _evaluate_images(todo, sources: list[Source], groups, info, masks, args, out
         name, file = item
         original = open_image(file)
         try:
-            image = preprocess(original, info)
+            image = preprocess(original, transform)
         except ValueError as e:
             raise ImageLoadError(file, str(e)) from None
         row: dict[str, Any] = {"image": image, "maps": [], "cells": [], "targets": []}
-        truth = None if masks is None else load_truth(masks, args.masks, name, file, original.size, info, args.threshold)
+        truth = None if masks is None else load_truth(masks, args.masks, name, file, original.size, transform, args.threshold)
         problems[name], notes[name] = [], []
         for source in sources:
             saliency_map, cells, target, problem, note = source_inputs(source, name, image.shape[:2], args.mask_size)
@@ -552,7 +580,7 @@ def _evaluate_images(todo, sources: list[Source], groups, info, masks, args, out
         targets = np.asarray(batch.inputs["targets"])
         if (targets < 0).any():  # explain recorded no class: score the prediction
             targets = np.where(targets < 0, np.asarray(jnp.argmax(model(images), axis=-1))[:, None], targets)
-        baselines = blurred_baselines(images) if "igos" in groups else None
+        baselines = igos_baselines(images) if "igos" in groups else None
         per_source = []
         for i in range(len(sources)):
             results = evaluate_maps(

@@ -18,20 +18,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattr import viz
+from jaxattr._files import display_path
 from jaxattr.cli._common import (
     CliError,
     add_config_options,
+    add_preprocessing_options,
     config_error,
     config_overrides,
+    fit_memory,
     format_table,
+    fraction,
     lookup_model,
     positive_int,
+    preprocessing,
+    seed,
 )
 from jaxattr.compilation import CompileClock, enable_compile_cache
 from jaxattr.config import ConfigError
 from jaxattr.data import imagenet_labels
 from jaxattr.explanation import explain
-from jaxattr.image import ImageLoadError, expand_paths, load_image
+from jaxattr.image import ImageLoadError, Preprocessing, expand_paths, load_image
 from jaxattr.methods import Method, list_methods, method_spec
 from jaxattr.models import create_model
 from jaxattr.models.registry import jaxattr_home
@@ -41,9 +47,12 @@ from jaxattr.run import (
     OutputDir,
     Prefetch,
     RunError,
+    check_no_input_overwritten,
+    check_outputs_apart,
     file_keys,
     make_progress,
     output_names,
+    outputs_complete,
     read_path_list,
     run_batches,
     write_now,
@@ -61,7 +70,9 @@ class ImageRecord:
 
     file: str
     output: str  # file name stem of <output>.png / <output>.npy
-    status: str  # "explained", "exists" (outputs found, no record of them), "unreadable", "non-finite"
+    # "explained", "exists" (outputs found, no record of them), "unreadable" (also what a directory
+    # scan could not use: a FIFO, an unreadable directory), "non-finite"
+    status: str
     class_index: int | None = None  # the explained class: the prediction, or --target
     label: str = ""
     probability: float | None = None
@@ -78,7 +89,8 @@ def add_parser(commands, method: str | None) -> None:
         help="write saliency maps of image files",
         allow_abbrev=False,
         description="Explain each image's predicted (or --target) class. Writes <name>.png (overlay) and "
-        "<name>.npy (raw attribution) per image, and summary.json / summary.csv, into --out. Images "
+        "<name>.npy (raw attribution) per image, and summary.json / summary.csv, into --out; methods "
+        "with other outputs add <name>.<output>.npy (I-GOS: the low-resolution masks). Images "
         "whose outputs exist are skipped unless --overwrite, so an interrupted run resumes.",
     )
     ex.add_argument("inputs", nargs="*", metavar="IMAGES_OR_DIRS", help="image files and/or directories of images")
@@ -92,20 +104,26 @@ def add_parser(commands, method: str | None) -> None:
     ex.add_argument("--method", default=DEFAULT_METHOD, choices=list_methods(), help=f"default {DEFAULT_METHOD}")
     ex.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     ex.add_argument("--weights", metavar="FILE", help="weights file (jaxattr or torch); default: pretrained")
-    ex.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)")
+    ex.add_argument(
+        "--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)"
+    )
     ex.add_argument(
         "--target", metavar="CLASS", help="explain this class (index or ImageNet name) instead of the prediction"
     )
-    ex.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of stochastic methods (default 0)")
+    ex.add_argument(
+        "--seed", type=seed, default=0, metavar="N", help="random seed of stochastic methods and random baselines (default 0)"
+    )
     ex.add_argument("--overwrite", action="store_true", help="recompute images whose outputs exist")
     ex.add_argument("--panel", action="store_true", help="write image | heatmap | overlay side by side")
     ex.add_argument(
         "--alpha",
-        type=float,
+        type=fraction,
         default=viz.OVERLAY_ALPHA,
+        metavar="A",
         help=f"opacity of the hottest pixels in the overlay (default {viz.OVERLAY_ALPHA})",
     )
     ex.add_argument("--recursive", action="store_true", help="also take images in subdirectories")
+    add_preprocessing_options(ex)
     add_throughput_options(ex)
     if method is not None:
         add_config_options(ex, method)
@@ -144,36 +162,36 @@ def add_throughput_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def input_paths(args: argparse.Namespace) -> list[Path]:
-    """The positional inputs (directories expanded) followed by the --list file's paths."""
-    if not args.inputs and args.list is None:
-        raise CliError("give image files, directories or --list FILE")
+def listed_paths(args: argparse.Namespace, paths: list[Path]) -> list[Path]:
+    """The --list file's paths not already in `paths` (a file named twice is explained once)."""
+    if args.list is None:
+        return []
     try:
-        paths = expand_paths(args.inputs, recursive=args.recursive) if args.inputs else []
-    except FileNotFoundError as e:
-        raise CliError(str(e)) from None
-    if args.list is not None:
-        try:
-            listed = read_path_list(args.list, lambda line: print(f"jaxattr: warning: {line}", file=sys.stderr))
-        except (OSError, UnicodeDecodeError) as e:
-            raise CliError(f"cannot read --list {args.list}: {getattr(e, 'strerror', None) or e}") from None
-        seen = {p.resolve() for p in paths}  # a file named twice is explained once
-        for path in listed:
-            if path.resolve() not in seen:
-                seen.add(path.resolve())
-                paths.append(path)
-    return paths
+        listed = read_path_list(args.list, lambda line: print(f"jaxattr: warning: {line}", file=sys.stderr))
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read --list {args.list}: {getattr(e, 'strerror', None) or e}") from None
+    seen, new = {p.resolve() for p in paths}, []
+    for path in listed:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            new.append(path)
+    return new
 
 
 def finished(args: argparse.Namespace, output: OutputDir, name: str) -> bool:
     """Whether an image's outputs exist: its two files, or with --top-k the files of every class
     its finished record lists."""
     if not args.top_k:
-        return all(p.is_file() for p in outputs(args.out, name))
+        return outputs_complete(outputs(args.out, name))
     record = output.records.get(name)
     if record is None or not record.get("classes"):
         return False
-    return all(p.is_file() for c in record["classes"].split() for p in class_outputs(args.out, name, int(c)))
+    return all(outputs_complete(class_outputs(args.out, name, int(c))) for c in record["classes"].split())
+
+
+def extra_output(out: Path, name: str, extra: str) -> Path:
+    """Where the method's extra output `extra` (MethodSpec.extras) of image `name` is saved."""
+    return out / f"{name}.{extra}.npy"
 
 
 def parse_target(text: str | None) -> int | None:
@@ -193,45 +211,51 @@ def parse_target(text: str | None) -> int | None:
         return folded[0]
     if folded:
         candidates = ", ".join(f"{labels[i]!r} ({i})" for i in folded)
-        raise CliError(f"--target {text!r} is ambiguous: {candidates}; give the exact name or the index")
+        raise CliError(f"argument --target: {text!r} is ambiguous: {candidates}; give the exact name or the index", status=2)
     close = difflib.get_close_matches(text.lower(), [label.lower() for label in labels], n=5)
     hint = f"; did you mean: {', '.join(close)}?" if close else ""
-    raise CliError(f"--target {text!r} is neither a class index nor an ImageNet class name{hint}")
+    raise CliError(f"argument --target: {text!r} is neither a class index nor an ImageNet class name{hint}", status=2)
 
 
 def class_label(index: int, num_classes: int) -> str:
     return imagenet_labels()[index] if num_classes == len(imagenet_labels()) else f"class {index}"
 
 
-def settings(args: argparse.Namespace, method: Method, target: int | None) -> dict:
+def settings(args: argparse.Namespace, method: Method, target: int | None, transform: Preprocessing) -> dict:
     """What the outputs depend on; a resumed run must match the run that wrote them."""
     values = {
         "model": args.model,
-        "weights": str(Path(args.weights).resolve()) if args.weights else "pretrained",
+        "weights": str(Path(args.weights).absolute()) if args.weights else "pretrained",
         "method": args.method,
         "config": method.config.to_dict(),
         "target": target,
+        "preprocessing": transform.to_dict(),
         "panel": args.panel,
         "alpha": args.alpha,
     }
     if args.top_k:
         values["top_k"] = args.top_k
-    if method.spec.stochastic:
+    if method.stochastic:
         values["seed"] = args.seed
     return values
 
 
 def explain_batch(model, method: Method, batch: Batch, keys, target, top_k: int | None = None) -> list[tuple]:
-    """(attribution, saliency map, class, probability) per real row of the batch, as numpy; with
-    `top_k`, each with a leading class axis of size K."""
-    result = explain(model, jnp.asarray(batch.inputs), method, targets=target, top_k=top_k, key=keys)
+    """(attribution, saliency map, class, probability, {extra output: array}) per real row of the
+    batch, as numpy; with `top_k`, the first four with a leading class axis of size K."""
+    try:
+        result = explain(model, jnp.asarray(batch.inputs), method, targets=target, top_k=top_k, key=keys)
+    except ValueError as e:  # inputs the method cannot take (e.g. a mask larger than the image)
+        raise CliError(f"{method.spec.name}: {e}") from None
     n = len(batch.items)
+    extras = {name: np.asarray(value[:n]) for name, value in result.extras.items()}
     return list(
         zip(
             np.asarray(result.attributions[:n]),
             np.asarray(result.maps[:n]),
             np.asarray(result.targets[:n]),
             np.asarray(result.probabilities[:n]),
+            [{name: value[i] for name, value in extras.items()} for i in range(n)],
         )
     )
 
@@ -239,7 +263,7 @@ def explain_batch(model, method: Method, batch: Batch, keys, target, top_k: int 
 def _table_row(record: dict) -> tuple[str, ...]:
     cls, probability = record["class_index"], record["probability"]
     return (
-        record["file"],
+        display_path(record["file"]),
         "" if cls is None else str(cls),
         record["label"],
         "" if probability is None else f"{probability:.4f}",
@@ -248,73 +272,115 @@ def _table_row(record: dict) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    lookup_model(args.model)  # an unknown name fails before any work
+    info = lookup_model(args.model)  # an unknown name fails before any work
     try:
         method = method_spec(args.method).build(**config_overrides(args))
     except ConfigError as e:
         raise config_error(e) from None
     target = parse_target(args.target)
-    if not 0.0 <= args.alpha <= 1.0:
-        raise CliError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.top_k and target is not None:
         raise CliError("--top-k and --target exclude each other")
     if args.loaders < 0:
         raise CliError(f"--loaders must be 0 or more, got {args.loaders}")
+    if not args.inputs and args.list is None:
+        raise CliError("give image files, directories or --list FILE")
     if args.compile_cache:  # before anything compiles: JAX decides once per process
         enable_compile_cache(jaxattr_home() / "compile")
-    paths = input_paths(args)
-    if not paths:
-        raise CliError(f"no image files in {', '.join(map(str, args.inputs + ([args.list] if args.list else [])))}")
+    transform = preprocessing(args, info)
+    skipped: list[ImageLoadError] = []
     try:
-        names = output_names(paths)
-        output = OutputDir(args.out, settings(args, method, target), RECORD_FIELDS, finished=EXPLAINED, overwrite=args.overwrite)
+        excluded = check_outputs_apart(args.out, [Path(p) for p in args.inputs], recursive=args.recursive)
+        paths = expand_paths(args.inputs, recursive=args.recursive, on_skip=skipped.append, exclude=excluded)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
+    except RunError as e:
+        raise CliError(str(e)) from None
+    paths += listed_paths(args, paths)
+    for error in skipped:
+        print(f"jaxattr: warning: skipped {error}", file=sys.stderr)
+    if not paths and not skipped:
+        raise CliError(f"no image files in {', '.join(map(display_path, [*args.inputs, *([args.list] if args.list else [])]))}")
+    try:
+        names = output_names([*paths, *(e.path for e in skipped)])
+        output = OutputDir(
+            args.out, settings(args, method, target, transform), RECORD_FIELDS, finished=EXPLAINED, overwrite=args.overwrite
+        )
+        check_no_input_overwritten(args.out, paths, lambda path: outputs(args.out, names[path]))
     except RunError as e:
         raise CliError(str(e)) from None
 
-    records, todo = {}, []
+    records = {names[e.path]: dataclasses.asdict(ImageRecord(str(e.path), names[e.path], "unreadable", message=e.reason)) for e in skipped}
+    todo = []
     for path in paths:
         name = names[path]
         if not args.overwrite and finished(args, output, name):
             records[name] = output.records.get(name) or dataclasses.asdict(ImageRecord(str(path), name, "exists"))
-            output.record(records[name])
         else:
             todo.append(path)
-    if records:
-        print(f"{len(records)} of {len(paths)} images already have outputs in {args.out}; skipping them", file=sys.stderr)
-    if todo:
-        for record in _explain_files(todo, names, args, method, target, output):
-            records[record["output"]] = record
+    for record in records.values():
+        output.record(record)
+    if len(records) > len(skipped):
+        print(f"{len(records) - len(skipped)} of {len(paths)} images already have outputs in {display_path(args.out)}; skipping them", file=sys.stderr)
+    try:
+        if todo:
+            for record in _explain_files(todo, names, args, method, target, transform, output):
+                records[record["output"]] = record
+        elif records:
+            output.write_summary()
+    except RunError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:  # the summary of a run with nothing to compute
+        raise CliError(f"cannot write the summary in {display_path(args.out)}: {e.strerror or e}") from None
 
-    ordered = [records[names[path]] for path in paths]
+    ordered = [records[names[path]] for path in [*(e.path for e in skipped), *paths]]
     print(format_table(("file", "class", "label", "probability", "status"), [_table_row(r) for r in ordered]))
     failed = sum(r["status"] in FAILED for r in ordered)
     print(
-        f"{len(todo) - failed} explained, {len(paths) - len(todo)} already done, {failed} failed; "
-        f"outputs and summary.json / summary.csv in {args.out}",
+        f"{len(todo) - (failed - len(skipped))} explained, {len(paths) - len(todo)} already done, {failed} failed; "
+        f"outputs and summary.json / summary.csv in {display_path(args.out)}",
         file=sys.stderr,
     )
     return 1 if failed else 0
 
 
+def _check_on_model(model, method: Method, batch_size: int, size: int, target: int | None) -> None:
+    """Trace the method once on abstract images (nothing runs; the trace is reused): settings this
+    model cannot take, such as an unknown --layer, are a usage error before any work."""
+    keys = file_keys(0, [str(i) for i in range(batch_size)]) if method.stochastic else None
+    images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
+    try:
+        jax.eval_shape(lambda x: explain(model, x, method, targets=target, key=keys).maps, images)
+    except ValueError as e:
+        raise CliError(f"{method.spec.name} on {model.name}: {e}", status=2) from None
+
+
 def _explain_files(
-    todo: list[Path], names: dict[Path, str], args: argparse.Namespace, method: Method, target: int | None, output: OutputDir
+    todo: list[Path],
+    names: dict[Path, str],
+    args: argparse.Namespace,
+    method: Method,
+    target: int | None,
+    transform: Preprocessing,
+    output: OutputDir,
 ) -> list[dict]:
-    info = lookup_model(args.model)
-    model = create_model(args.model, weights=args.weights or "pretrained")
-    shape = jax.ShapeDtypeStruct((1, info.image_size, info.image_size, 3), jnp.float32)
+    size = transform.size
+    model = create_model(args.model, weights=args.weights or "pretrained", image_size=size)
+    shape = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     num_classes = jax.eval_shape(model, shape).shape[-1]
     if target is not None and not 0 <= target < num_classes:
-        raise CliError(f"--target {target} is out of range: {args.model} has {num_classes} classes")
+        raise CliError(f"argument --target: {target} is out of range: {args.model} has {num_classes} classes", status=2)
+    batch_size = min(args.batch_size, len(todo))
+    method = fit_memory(method, model, batch_size, (size, size, 3))
+    _check_on_model(model, method, batch_size, size, target)
+    output.create()
     if args.top_k and args.top_k > num_classes:
         raise CliError(f"--top-k {args.top_k} is more than the {num_classes} classes of {args.model}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    batch_size = min(args.batch_size, len(todo))
     progress = make_progress(len(todo), sys.stderr)
     spec = method.spec
 
     def compute(batch: Batch[Path]) -> list[tuple]:
         keys = None
-        if spec.stochastic:  # padded rows repeat the last real row's key
+        if method.stochastic:  # padded rows repeat the last real row's key
             keys = file_keys(args.seed, [names[p] for p in batch.items])
             keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], batch_size - len(batch.items))])
         return explain_batch(model, method, batch, keys, target, args.top_k)
@@ -327,7 +393,7 @@ def _explain_files(
         viz.save_png(png, picture)
 
     def save(path: Path, image: np.ndarray, result: tuple) -> dict:
-        attribution, saliency_map, classes, probabilities = result
+        attribution, saliency_map, classes, probabilities, extras = result
         name = names[path]
         classes = np.atleast_1d(classes)  # (K,) with --top-k, else one class
         cls = int(classes[0])
@@ -340,6 +406,10 @@ def _explain_files(
                 for c, a, m in zip(classes, attribution, saliency_map, strict=True):
                     write(functools.partial(write_files, *class_outputs(args.out, name, int(c)), image, a, m))
             else:
+                # The method's extra outputs (MethodSpec.extras) first, as <name>.<output>.npy.
+                for extra, value in extras.items():
+                    path_ = extra_output(args.out, name, extra)
+                    write(functools.partial(viz.write_atomically, path_, lambda f, v=value: np.save(f, v)))
                 write(functools.partial(write_files, *outputs(args.out, name), image, attribution, saliency_map))
         else:
             record.status, record.message = "non-finite", "NaN or inf in the attribution; outputs not written"
@@ -349,7 +419,7 @@ def _explain_files(
     def unreadable(path: Path, error: ImageLoadError) -> dict:
         return dataclasses.asdict(ImageRecord(str(path), names[path], "unreadable", message=error.reason))
 
-    load = lambda path: load_image(path, info)
+    load = lambda path: load_image(path, transform)
     with contextlib.ExitStack() as stages, CompileClock() as clock:
         if args.loaders:  # the pipeline: see jaxattr.run; the same batches as the sequential path
             load = stages.enter_context(Prefetch(todo, load, workers=args.loaders, ahead=2 * batch_size))

@@ -7,6 +7,7 @@ from jaxattr.methods import guided_backprop as guided_backprop  # noqa: F401
 from jaxattr.methods import integrated_gradients as integrated_gradients  # noqa: F401
 from jaxattr.methods import guided_ig as guided_ig  # noqa: F401
 from jaxattr.methods import blur_ig as blur_ig  # noqa: F401
+from jaxattr.methods import igos as igos  # noqa: F401
 from jaxattr.methods._common import path_scores as path_scores
 from jaxattr.methods.base import (
     Attribution as Attribution,

@@ -12,6 +12,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jaxattr.models import Head, Model, check_images
@@ -40,6 +41,10 @@ def check_inputs(images: Array, targets: Array | int | None, *, several_classes:
     """Eager validation at the public boundary (shapes are static, so this costs nothing).
     `several_classes`: targets may also have shape (b, K), K classes per image."""
     check_images(images)
+    if images.shape[0] == 0:
+        raise ValueError("expected at least one image, got an empty batch")
+    if isinstance(targets, bool):
+        raise TypeError(f"targets must be integer class indices, got {targets!r}")
     if targets is not None and not isinstance(targets, int):
         shape, b = jnp.shape(targets), images.shape[0]
         if not (shape in ((), (b,)) or (several_classes and len(shape) == 2 and shape[0] == b and shape[1] > 0)):
@@ -47,6 +52,65 @@ def check_inputs(images: Array, targets: Array | int | None, *, several_classes:
             raise ValueError(f"targets must be an int or have shape {allowed}, got {shape}")
         if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
             raise TypeError(f"targets must be integer class indices, got dtype {jnp.result_type(targets)}")
+
+
+# Pixel values further than this outside [0, 1] are refused: they are not images in [0, 1] that
+# noise or rounding pushed a little out, but data in another range (0..255, normalised).
+VALUE_MARGIN = 1.0
+
+
+@jax.jit
+def _value_summary(images: Array) -> tuple[Array, Array, Array]:
+    finite = jnp.isfinite(images)
+    low = jnp.min(jnp.where(finite, images, jnp.inf))
+    high = jnp.max(jnp.where(finite, images, -jnp.inf))
+    return jnp.sum(~finite), low, high
+
+
+def check_values(images: Array) -> None:
+    """Concrete images hold finite values within VALUE_MARGIN of [0, 1] (one reduction; values
+    traced inside a transformation are not checked)."""
+    if isinstance(images, jax.core.Tracer):
+        return
+    non_finite, low, high = (np.asarray(v).item() for v in _value_summary(images))
+    if non_finite:
+        raise ValueError(f"{non_finite} image values are NaN or infinite; images must be finite pixels in [0, 1]")
+    if low < -VALUE_MARGIN or high > 1 + VALUE_MARGIN:
+        if low >= -VALUE_MARGIN:
+            hint = "8-bit pixel data (0..255)? divide it by 255"
+        else:
+            hint = "normalised images? pass pixels in [0, 1]: models normalise their input themselves"
+        raise ValueError(f"images must hold pixels in [0, 1], got values in [{low:g}, {high:g}]; {hint}")
+
+
+_logits = jax.jit(lambda forward, images: forward(images))
+
+
+def check_target_range(forward: Forward, images: Array, targets: Array | int | None) -> None:
+    """Concrete targets are class indices of the forward's output (its shape from a cached trace)."""
+    if targets is None or isinstance(targets, jax.core.Tracer):
+        return
+    one = jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype)
+    classes = _logits.eval_shape(forward, one).shape[-1]
+    values = np.asarray(targets).ravel()
+    outside = values[(values < 0) | (values >= classes)]
+    if outside.size:
+        raise ValueError(f"targets must be class indices in [0, {classes - 1}], got {outside[0]}")
+
+
+def check_key(key: jax.Array | None, batch: int) -> None:
+    """`key` is None, one jax.random key (typed, or a raw uint32 (2,) key), or a batch of typed keys."""
+    if key is None:
+        return
+    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape not in ((), (batch,)):
+            raise ValueError(f"key must be one key or one per image, shape ({batch},), got shape {key.shape}")
+        return
+    if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape == (2,):
+        return  # a raw jax.random.PRNGKey
+    hint = ": an int is a seed, pass jax.random.key(seed)" if isinstance(key, (int, np.integer)) else ""
+    described = f"{type(key).__name__} of shape {key.shape}" if hasattr(key, "shape") else type(key).__name__
+    raise TypeError(f"key must be a jax.random key, e.g. jax.random.key(0), got {described}{hint}")
 
 
 def resolve_targets(forward: Forward, images: Array, targets: Array | int | None) -> Int[Array, " b"]:

@@ -30,7 +30,15 @@ from jaxtyping import Array, Float, Int
 
 from jaxattr.config import Config, ConfigError
 from jaxattr.maps import Contrast
-from jaxattr.methods._common import as_forward, check_inputs, is_key_batch, predicted_classes
+from jaxattr.methods._common import (
+    as_forward,
+    check_inputs,
+    check_key,
+    check_target_range,
+    check_values,
+    is_key_batch,
+    predicted_classes,
+)
 
 Targets = Int[Array, " b"] | Int[Array, "b k"] | int | None
 
@@ -56,9 +64,14 @@ class MethodSpec:
     contrast: Contrast  # display only: how PNGs scale the saliency map to [0, 1]
     upsample: Literal["bilinear", "bicubic"] = "bilinear"  # saliency map -> image resolution
     needs_model: bool = False  # needs a jaxattr Model (taps, sites, guided rules), not any forward
-    stochastic: bool = False  # needs a key
+    stochastic: bool = False  # always needs a key (`Method.stochastic` adds settings that draw random numbers)
     takes_baselines: bool = False  # accepts baselines= (an array replacing the config's named baseline)
     wraps: bool = False  # its config holds a base method (`base`), e.g. SmoothGrad
+    # Outputs besides the attributions: a call with `function`'s arguments returning
+    # (attributions, {name: array, batch first}) from the same run, e.g. I-GOS's low-resolution
+    # masks; `explain` returns them in Explanation.extras, `jaxattr explain` saves each one as
+    # <image>.<name>.npy beside the map. None: the method has none.
+    extras: Callable[..., tuple[Array, dict[str, Array]]] | None = None
 
     def build(self, config: Config | None = None, **overrides: Any) -> "Method":
         """This method bound to `config` (default: the reference's defaults) with `overrides`."""
@@ -69,7 +82,7 @@ def make_config(spec: MethodSpec, config: Config | None = None, **overrides: Any
     """`config` (default: `spec`'s defaults) with `overrides` applied and validated."""
     config = spec.config() if config is None else config
     if not isinstance(config, spec.config):
-        raise TypeError(f"{spec.name} takes a {spec.config.__name__}, got {type(config).__name__}")
+        raise TypeError(f"{spec.name}: {config_type_message(spec.config, config)}")
     options = [f.name for f in dataclasses.fields(config)]
     unknown = sorted(set(overrides) - set(options))
     if unknown:
@@ -85,8 +98,20 @@ class Method:
     spec: MethodSpec
     config: Config
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether it needs a key: a stochastic method, or settings that draw random numbers (a
+        'uniform' baseline). The CLI derives per-file keys for exactly these."""
+        return self.spec.stochastic or self.config.needs_key()
+
     def __call__(self, model, images, targets=None, *, key=None, **arrays) -> Array:
         return self.spec.function(model, images, targets, config=self.config, key=key, **arrays)
+
+    def with_extras(self, model, images, targets=None, *, key=None, **arrays) -> tuple[Array, dict[str, Array]]:
+        """(attributions, the spec's extra outputs by name) from one run; no extras: an empty dict."""
+        if self.spec.extras is None:
+            return self(model, images, targets, key=key, **arrays), {}
+        return self.spec.extras(model, images, targets, config=self.config, key=key, **arrays)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.spec.name, "config": self.config.to_dict()}
@@ -111,6 +136,22 @@ def method_spec(name: str) -> MethodSpec:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(_METHODS)}") from None
 
 
+def config_type_message(expected: type[Config], config: Any) -> str:
+    hint = f"; build one with {expected.__name__}(**options)" if isinstance(config, dict) else ""
+    return f"config must be a {expected.__name__}, got {type(config).__name__}{hint}"
+
+
+def check_call(
+    forward: Any, images: Array, targets: Targets, key: jax.Array | None, *, several_classes: bool = False
+) -> None:
+    """What every method checks at its public boundary, before anything is traced: shapes and
+    dtypes, finite pixel values in [0, 1] (within a margin), class indices the model has, a real key."""
+    check_inputs(images, targets, several_classes=several_classes)
+    check_key(key, images.shape[0])
+    check_values(images)
+    check_target_range(forward, images, targets)
+
+
 def run_compiled(
     compiled: Callable[..., Array],
     config_class: type[Config],
@@ -132,13 +173,14 @@ def run_compiled(
     `targets` of shape (b, K) explains K classes of every image in one program, vmapped over the
     class axis: attributions (b, K, ...), each class's equal to a run with that class alone (same
     key, so the same noise)."""
-    check_inputs(images, targets, several_classes=True)
     if jnp.ndim(targets) == 2:
+        check_call(as_forward(model), images, targets, key, several_classes=True)
         one_class = lambda t: run_compiled(compiled, config_class, model, images, t, config=config, key=key, **arrays)
         return jax.vmap(one_class, in_axes=1, out_axes=1)(jnp.asarray(targets, jnp.int32))
     if not isinstance(config, config_class):
-        raise TypeError(f"config must be a {config_class.__name__}, got {type(config).__name__}")
+        raise TypeError(config_type_message(config_class, config))
     forward = as_forward(model)
+    check_call(forward, images, targets, key)
     if not is_key_batch(key, images.shape[0]):
         return compiled(forward, images, targets, key, config, **arrays)
     per_image = {name: a for name, a in arrays.items() if a is not None}
@@ -146,6 +188,7 @@ def run_compiled(
         raise ValueError(f"per-image keys cannot be combined with {', '.join(per_image)}: pass one key")
     targets = predicted_classes(forward, images) if targets is None else targets
     targets = jnp.broadcast_to(jnp.asarray(targets, jnp.int32), images.shape[:1])
-    one = lambda x, t, k: compiled(forward, x[None], t[None], k, config, **arrays)[0]
+    # The result may be any pytree of batch-first arrays (I-GOS returns its masks and trace too).
+    one = lambda x, t, k: jax.tree_util.tree_map(lambda a: a[0], compiled(forward, x[None], t[None], k, config, **arrays))
     return jax.vmap(one)(images, targets, key)
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxattr import maps
-from jaxattr.config import Config, config, static
+from jaxattr.config import Config, config, name, optional, static
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import Output, require_model, resolve_targets, target_scores
 from jaxattr.methods.base import MethodSpec, register, run_compiled
@@ -18,7 +18,7 @@ from jaxattr.models import Model
 
 @config
 class GradCamConfig(Config):
-    layer: str | None = static(None)  # None: the model's default feature layer (`Model.feature_layer`)
+    layer: str | None = static(None, optional(name()))  # None: the model's default feature layer (`Model.feature_layer`)
     output: Output = static("logit")
     relu: bool = static(True)  # Grad-CAM's ReLU; captum's LayerGradCam leaves it off by default
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxattr import maps
-from jaxattr.config import Check, Config, config, integer, number, optional, static, traced
+from jaxattr.config import Check, Config, Footprint, config, integer, number, optional, static, traced
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import Output, image_keys, input_gradients, resolve_targets
 from jaxattr.methods.base import Method, MethodSpec, register, run_compiled
@@ -77,6 +77,14 @@ class SmoothGradConfig(Config):
     relative: bool = static(True)
     chunk: int | None = static(None, optional(integer(1)))  # samples per batch (captum nt_samples_batch_size); None: all
 
+    def needs_key(self) -> bool:
+        return True  # the noise
+
+    def footprint(self, image_shape: tuple[int, ...]) -> Footprint:
+        base = self.base.config.footprint(image_shape)
+        keys = 16 * self.samples  # a noise key and a base key per sample
+        return Footprint(passes=(self.chunk or self.samples) * base.passes, fixed_bytes=base.fixed_bytes + keys)
+
 
 def _noise_scale(images: Float[Array, "b h w c"], config: SmoothGradConfig) -> Float[Array, "b 1 1 1"]:
     stdev = jnp.asarray(config.stdev, images.dtype)
@@ -95,7 +103,7 @@ def _standard_normal(key: jax.Array, images: Float[Array, "b h w c"]) -> Float[A
 def _smoothgrad(forward, images, targets, key, config: SmoothGradConfig, noise):
     targets = resolve_targets(forward, images, targets)
     base = config.base
-    stochastic_base = base.spec.stochastic
+    stochastic_base = base.stochastic
     noise_key, base_key = jax.random.split(key) if key is not None else (None, None)
     if noise is None:
         scale = _noise_scale(images, config)
@@ -135,7 +143,7 @@ def smoothgrad(
     (samples, b, h, w, c) is added as is (parity tests feed a reference's draws). Samples are
     evaluated `config.chunk` at a time, each sample a vmapped call of the base method."""
     base = getattr(config, "base", None)
-    if isinstance(base, Method) and key is None and (noise is None or base.spec.stochastic):
+    if isinstance(base, Method) and key is None and (noise is None or base.stochastic):
         raise ValueError(f"smoothgrad of {base.spec.name} is random: pass key=jax.random.key(seed)")
     if noise is not None and jnp.shape(noise) != (config.samples, *jnp.shape(images)):
         raise ValueError(f"noise must have shape {(config.samples, *jnp.shape(images))}, got {jnp.shape(noise)}")

@@ -44,6 +44,9 @@ class GuidedIGConfig(Config):
     baseline: Baseline = static("black")  # a `baselines=` array overrides it
     output: Output = static("logit")  # differentiate the target's logit or its softmax probability
 
+    def needs_key(self) -> bool:
+        return self.baseline == "uniform"
+
 
 def _isclose(a: Array, b: Array) -> Array:
     return jnp.abs(a - b) <= jnp.maximum(_CLOSE * jnp.maximum(jnp.abs(a), jnp.abs(b)), _CLOSE)

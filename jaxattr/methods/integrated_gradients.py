@@ -18,7 +18,7 @@ import jax
 from jaxtyping import Array, Float
 
 from jaxattr import maps, paths
-from jaxattr.config import Config, ConfigError, config, integer, number, optional, static
+from jaxattr.config import Config, ConfigError, Footprint, config, integer, number, optional, static
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import Output, path_scores, require_model, resolve_targets
 from jaxattr.methods.base import MethodSpec, register, run_compiled
@@ -45,6 +45,12 @@ class IntegratedGradientsConfig(Config):
             paths.check_rule(self.rule, self.steps)
         except ValueError as e:
             raise ConfigError("steps", str(e)) from None
+
+    def needs_key(self) -> bool:
+        return self.baseline == "uniform"
+
+    def footprint(self, image_shape: tuple[int, ...]) -> Footprint:
+        return Footprint(passes=self.chunk or self.steps, fixed_bytes=paths.quadrature_bytes(self.rule, self.steps))
 
 
 @jax.jit
