@@ -22,9 +22,11 @@ class Explanation:
     attributions: Array  # the method's raw output, batch first
     # The method's saliency map at the images' resolution, unclipped (what metrics rank); display
     # contrast is applied only when drawing (jaxattr.viz.contrast with the method's Contrast).
-    maps: Float[Array, "b h w"]
-    targets: Int[Array, " b"]
-    probabilities: Float[Array, " b"]  # softmax probability of each target
+    # With K classes per image (targets (b, K) or top_k=K) every field gains a class axis after
+    # the batch axis: attributions (b, K, ...), maps (b, K, h, w), targets and probabilities (b, K).
+    maps: Float[Array, "b *k h w"]
+    targets: Int[Array, "b *k"]
+    probabilities: Float[Array, "b *k"]  # softmax probability of each target
     # The method's other outputs by name, batch first (MethodSpec.extras; e.g. I-GOS's masks).
     extras: dict[str, Array] = dataclasses.field(default_factory=dict)
 
@@ -45,7 +47,8 @@ def explain(
     images: Float[Array, "b h w 3"],
     method: str | Method = "saliency",
     *,
-    targets: Int[Array, " b"] | int | None = None,
+    targets: Int[Array, " b"] | Int[Array, "b k"] | int | None = None,
+    top_k: int | None = None,
     key: jax.Array | None = None,
     config: Config | None = None,
     devices: Sequence[jax.Device] | None = None,
@@ -67,7 +70,10 @@ def explain(
     colour.
 
     `references` (methods that take them: ig2) are reference images, one set (r, h, w, 3) for all
-    images or one per image (b, r, h, w, 3)."""
+    images or one per image (b, r, h, w, 3).
+
+    Several classes per image in one compiled call: `targets` of shape (b, K) (listed classes), or
+    `top_k=K` (each image's K most probable classes, most probable first); see `Explanation`."""
     if isinstance(method, Method):
         if config is not None or overrides:
             raise ValueError("a bound method carries its config: pass config/overrides to jaxattr.method() instead")
@@ -83,7 +89,7 @@ def explain(
         randomness = "is stochastic" if spec.stochastic else "draws random numbers with these settings"
         raise ValueError(f"{spec.name} {randomness}: pass key=jax.random.key(seed)")
     forward = as_forward(model)
-    check_call(forward, images, targets, key)
+    check_call(forward, images, targets, key, several_classes=True)
     if devices is not None:
         batch = jnp.shape(images)[0]
         per_image = {"key": key} if is_key_batch(key, batch) else {}
@@ -94,13 +100,28 @@ def explain(
 
         def run(m, x, t, *arrays):  # each device's slice of the per-image arrays replaces the whole
             named = {"key": key, "baselines": baselines, "references": references, **dict(zip(per_image, arrays))}
-            return explain(m, x, bound, targets=t, **named)
+            return explain(m, x, bound, targets=t, top_k=top_k, **named)
 
         return data_parallel(run, model, images, targets, per_image=list(per_image.values()), devices=devices)
+    if top_k is not None and (targets is not None or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int and excludes targets, got top_k={top_k!r}, targets={targets!r}")
     predicted, probabilities = _predict(forward, images)
-    targets = predicted if targets is None else jnp.broadcast_to(jnp.asarray(targets, jnp.int32), predicted.shape)
+    if top_k is not None:
+        if top_k > probabilities.shape[-1]:
+            raise ValueError(f"top_k={top_k} exceeds the model's {probabilities.shape[-1]} classes")
+        targets = jax.lax.top_k(probabilities, top_k)[1]
+    elif targets is None:
+        targets = predicted
+    elif jnp.ndim(targets) < 2:
+        targets = jnp.broadcast_to(jnp.asarray(targets, jnp.int32), predicted.shape)
+    targets = jnp.asarray(targets, jnp.int32)
     arrays = {name: a for name, a in (("baselines", baselines), ("references", references)) if a is not None}
+    if targets.ndim == 2 and spec.extras is not None:
+        raise ValueError(f"{spec.name} has extra outputs: explain one class per image with it (targets of shape (b,))")
     attributions, extras = bound.with_extras(model, images, targets, key=key, **arrays)
-    maps = upsample(spec.saliency(attributions), images.shape[1:3], spec.upsample)
-    target_probabilities = jnp.take_along_axis(probabilities, targets[:, None], axis=-1)[:, 0]
+    leading = targets.shape  # (b,) or (b, K): the map reductions take one flat batch axis
+    flat = attributions.reshape(-1, *attributions.shape[len(leading) :])
+    maps = upsample(spec.saliency(flat), images.shape[1:3], spec.upsample).reshape(*leading, *images.shape[1:3])
+    target_probabilities = jnp.take_along_axis(probabilities, targets.reshape(len(targets), -1), axis=-1)
+    target_probabilities = target_probabilities.reshape(leading)
     return Explanation(attributions, maps, targets, target_probabilities, extras)

@@ -13,6 +13,8 @@ inputs in fixed-shape batches, per-file keys, resumable output directories, atom
 * `output_names`: a unique, printable output name per input that fits the file system's name
   limit with any extension; `check_outputs_apart` keeps outputs from landing on inputs.
 
+`Prefetch` and `BackgroundWriter` turn `run_batches` into a streaming pipeline (see below).
+
 Every file is written atomically (`jaxattr.viz.write_atomically`): an interrupted run leaves
 finished outputs and no half-written file (a killed one may leave hidden temporary files, which
 the next run into the directory removes). The summary is merged into the one on disk under an
@@ -24,14 +26,17 @@ a RunError naming the file, after the records of the finished inputs are saved w
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
+import queue
 import stat
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -446,3 +451,154 @@ def _save_what_is_finished(output: OutputDir) -> None:
         output.write_summary()
     except (OSError, RunError):  # the disk is full, say: the summary on disk stays as it was
         pass
+
+# ----------------------------------------------------------------- the streaming pipeline
+#
+# `run_batches` stays the one batch loop; the pipeline overlaps its three stages by wrapping its
+# `load` and the file writes of its `save`, so the pipelined and the sequential run build the same
+# batches and compute the same results:
+#   * `Prefetch`: `load` of the next items on worker threads, in input order, at most `ahead`
+#     items in flight or waiting (memory does not grow with the number of inputs);
+#   * the current batch's compute on the calling thread (XLA releases the GIL);
+#   * `BackgroundWriter`: the previous batch's output files written on one thread, in order, with a
+#     bounded queue.
+# Threads rather than a data-loading library: decoding is Pillow plus numpy (both release the
+# GIL), the order must be the input order, and no new dependency is needed (Grain, the JAX
+# ecosystem's loader, adds TensorFlow-free but sizeable machinery for what a deque of futures does).
+
+
+class Prefetch(Generic[Item]):
+    """`load` of `items`, computed ahead on `workers` threads. Call the object with the items in
+    the same order (as `run_batches` does); each call returns that item's result or raises its
+    exception, and starts the next item's load."""
+
+    def __init__(self, items: Sequence[Item], load: Callable[[Item], Any], *, workers: int, ahead: int):
+        if workers < 1 or ahead < 1:
+            raise ValueError(f"need workers >= 1 and ahead >= 1, got {workers}, {ahead}")
+        self._load = load
+        self._items = iter(items)
+        self._pending: collections.deque[tuple[Item, concurrent.futures.Future]] = collections.deque()
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxattr-load")
+        for _ in range(ahead):
+            self._submit_next()
+
+    def _submit_next(self) -> None:
+        item = next(self._items, _END)
+        if item is not _END:
+            self._pending.append((item, self._executor.submit(self._load, item)))
+
+    def __call__(self, item: Item) -> Any:
+        if not self._pending or self._pending[0][0] is not item:
+            raise RuntimeError("Prefetch must be consumed in the order of its items")
+        _, future = self._pending.popleft()
+        self._submit_next()
+        return future.result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "Prefetch[Item]":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+_END = object()
+
+
+class BackgroundWriter:
+    """Runs write tasks (callables) on one thread, in submission order, with at most `depth`
+    waiting: `submit` blocks when the queue is full. The first failure is raised by the next
+    `submit` or by `close`, which waits for every task (later tasks are dropped after a failure)."""
+
+    def __init__(self, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="jaxattr-write", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (task := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    task()
+                except BaseException as e:  # handed to the main thread by submit/close
+                    self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, task: Callable[[], Any]) -> None:
+        self._raise()
+        self._queue.put(task)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def write_now(task: Callable[[], Any]) -> None:
+    """The sequential path's writer: the task runs at once."""
+    task()
+
+
+def read_path_list(path: Path, report: Callable[[str], None]) -> list[Path]:
+    """The paths listed in the text file `path`, one per line (blank lines and lines starting with
+    '#' ignored; relative paths are relative to the current directory, as on the command line).
+    Paths that do not exist are reported (one line each) and left out."""
+    listed, missing = [], 0
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            name = line.rstrip("\r\n")
+            if not name.strip() or name.lstrip().startswith("#"):
+                continue
+            if os.path.lexists(name):
+                listed.append(Path(name))
+            else:
+                missing += 1
+                report(f"{path}: no such file: {name!r}; skipped")
+    if missing:
+        report(f"{path}: {missing} listed path{'' if missing == 1 else 's'} missing, skipped")
+    return listed
+
+
+class TqdmProgress:
+    """`Progress` through tqdm (images/s and ETA); silent unless `stream` is a terminal, except for
+    notes."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr):
+        import tqdm  # an optional nicety: `make_progress` falls back to Progress without it
+
+        self.stream = stream
+        self.bar = tqdm.tqdm(total=total, unit="img", file=stream, disable=not stream.isatty(), dynamic_ncols=True)
+
+    def advance(self, n: int) -> None:
+        self.bar.update(n)
+        if self.bar.n >= self.bar.total:
+            self.bar.close()
+
+    def note(self, message: str) -> None:
+        if self.bar.disable:
+            self.stream.write(message + "\n")
+            self.stream.flush()
+        else:
+            self.bar.write(message, file=self.stream)
+
+
+def make_progress(total: int, stream: TextIO = sys.stderr) -> "TqdmProgress | Progress":
+    """tqdm's bar when tqdm is installed, else the plain `Progress`."""
+    try:
+        return TqdmProgress(total, stream)
+    except ImportError:
+        return Progress(total, stream)

@@ -63,11 +63,11 @@ def data_parallel(
 ) -> Any:
     """fn(model, images, targets, *per_image) with the batch split over `devices`: a pytree whose
     leaves have a leading batch axis, equal to the single-device result. `targets` may be None, an
-    int or one class per image; it and the `per_image` arrays (e.g. one key per image) are split
+    int, one class per image or K classes per image (b, K); it and the `per_image` arrays (e.g. one key per image) are split
     with the images."""
     mesh = batch_mesh(devices)
     batch = jnp.shape(images)[0]
-    if targets is not None and jnp.ndim(targets) == 1:
+    if targets is not None and jnp.ndim(targets) >= 1:  # one class, or K classes, per image
         targets = shard_batch(mesh, targets)
     per_image = [shard_batch(mesh, array) for array in per_image]
     result = fn(replicate(mesh, model), shard_batch(mesh, images), targets, *per_image)

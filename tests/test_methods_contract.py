@@ -1,6 +1,6 @@
 """The contract every registered method keeps, in the style of optax's alias sweep: it runs under
 jit with the expected shapes, its results do not depend on the batch, per-image keys equal
-single-image runs, sharded equals single-device, outputs are finite, and an invalid option is a
+single-image runs, K classes per image equal K single-class runs, sharded equals single-device, outputs are finite, and an invalid option is a
 clean ConfigError. A new method joins with one line in CASES."""
 
 import json
@@ -96,6 +96,23 @@ def test_per_image_keys_make_results_independent_of_the_batch(name, model, image
         alone = bound(model, images[i : i + 1], TARGETS[i : i + 1], key=KEYS[i : i + 1])
         # Same inputs and noise; only the convolutions' batch size (their rounding) differs.
         assert _rel(together[i], alone[0]) <= 1e-5, (name, i)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_k_classes_per_image_equal_single_class_runs(name, model, images):
+    """targets (b, K): one program vmapped over the class axis; class k's attributions are those of
+    a run with targets[:, k] alone (same per-image keys, so the same noise)."""
+    bound = method(name, **CASES[name][0])
+    classes = jnp.stack([TARGETS, jnp.array([0, 4, 9])], axis=1)
+    if method_spec(name).extras is not None:  # I-GOS family (masks as extra outputs): one class only, for now
+        with pytest.raises(ValueError, match=r"targets must be an int or have shape \(3,\)"):
+            bound(model, images, classes, key=KEYS)
+        return
+    together = bound(model, images, classes, key=KEYS)
+    assert together.shape[:2] == (BATCH, 2)
+    for k in range(2):
+        alone = bound(model, images, classes[:, k], key=KEYS)
+        assert _rel(together[:, k], alone) <= 1e-5, (name, k)
 
 
 @pytest.mark.parametrize("name", CASES)

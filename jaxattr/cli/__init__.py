@@ -1,4 +1,4 @@
-"""The `jaxattr` command line: one module per command (`explain`, `evaluate`, `models`,
+"""The `jaxattr` command line: one module per command (`explain`, `evaluate`, `bench`, `models`,
 `convert`, `crosscheck`), each with `add_parser` and `run(args) -> exit status`.
 
 `main(argv) -> exit status`. PyTorch is imported only by `convert --verify/--random-init` and by
@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import Iterator, Sequence
 
-from jaxattr.cli import convert, crosscheck, evaluate, explain, models
+from jaxattr.cli import bench, convert, crosscheck, evaluate, explain, models
 from jaxattr.cli._common import CliError
 from jaxattr.methods import list_methods
 from jaxattr.models import WeightsError
@@ -40,6 +40,7 @@ def build_parser(method: str | None = explain.DEFAULT_METHOD) -> argparse.Argume
     models.add_parser(commands)
     explain.add_parser(commands, method)
     evaluate.add_parser(commands)
+    bench.add_parser(commands, method)
     convert.add_parser(commands)
     crosscheck.add_parser(commands)
     return parser
@@ -53,7 +54,7 @@ def _requested_method(argv: Sequence[str]) -> str:
 
 def _unknown_arguments_message(args: argparse.Namespace, unknown: list[str]) -> str:
     """Name the method an option belongs to when it is another method's config option."""
-    if args.command == "explain":
+    if args.command in ("explain", "bench"):
         owners = collections.defaultdict(list)
         for method in list_methods():
             for flag in explain.method_flags(method):

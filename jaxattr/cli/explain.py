@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
+import functools
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +34,29 @@ from jaxattr.cli._common import (
     preprocessing,
     seed,
 )
+from jaxattr.compilation import CompileClock, enable_compile_cache
 from jaxattr.config import ConfigError
 from jaxattr.data import imagenet_labels
 from jaxattr.explanation import explain
 from jaxattr.image import ImageLoadError, Preprocessing, expand_paths, load_image
 from jaxattr.methods import Method, list_methods, method_spec
 from jaxattr.models import create_model
+from jaxattr.models.registry import jaxattr_home
 from jaxattr.run import (
+    BackgroundWriter,
     Batch,
     OutputDir,
-    Progress,
+    Prefetch,
     RunError,
     check_no_input_overwritten,
     check_outputs_apart,
     file_keys,
+    make_progress,
     output_names,
     outputs_complete,
+    read_path_list,
     run_batches,
+    write_now,
 )
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -68,6 +78,7 @@ class ImageRecord:
     label: str = ""
     probability: float | None = None
     message: str = ""
+    classes: str = ""  # --top-k: the explained classes, most probable first, space-separated
 
 
 RECORD_FIELDS = [f.name for f in dataclasses.fields(ImageRecord)]
@@ -83,7 +94,13 @@ def add_parser(commands, method: str | None) -> None:
         "with other outputs add <name>.<output>.npy (I-GOS: the low-resolution masks). Images "
         "whose outputs exist are skipped unless --overwrite, so an interrupted run resumes.",
     )
-    ex.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and/or directories of images")
+    ex.add_argument("inputs", nargs="*", metavar="IMAGES_OR_DIRS", help="image files and/or directories of images")
+    ex.add_argument(
+        "--list",
+        type=Path,
+        metavar="FILE",
+        help="also explain the image files listed in FILE, one path per line (missing ones are reported and skipped)",
+    )
     ex.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model (see `jaxattr models`; default {DEFAULT_MODEL})")
     ex.add_argument("--method", default=DEFAULT_METHOD, choices=list_methods(), help=f"default {DEFAULT_METHOD}")
     ex.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
@@ -108,6 +125,7 @@ def add_parser(commands, method: str | None) -> None:
     )
     ex.add_argument("--recursive", action="store_true", help="also take images in subdirectories")
     add_preprocessing_options(ex)
+    add_throughput_options(ex)
     if method is not None:
         add_config_options(ex, method)
         add_method_options(ex, method)
@@ -145,6 +163,61 @@ def method_flags(method: str) -> list[str]:
 
 def outputs(out: Path, name: str) -> tuple[Path, Path]:
     return out / f"{name}.png", out / f"{name}.npy"
+
+
+def class_outputs(out: Path, name: str, cls: int) -> tuple[Path, Path]:
+    """--top-k: one overlay and one attribution per explained class, the class in the name."""
+    return outputs(out, f"{name}.class{cls}")
+
+
+def add_throughput_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--top-k",
+        type=positive_int,
+        metavar="K",
+        help="explain each image's K most probable classes in one program; writes <name>.class<C>.png/.npy per class",
+    )
+    parser.add_argument(
+        "--loaders",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        metavar="N",
+        help="threads decoding the next batches while one computes (0: decode, compute and write in turn; "
+        "default min(4, CPUs))",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep compiled programs in $JAXATTR_HOME/compile so the next run skips compiling (default: on)",
+    )
+
+
+def listed_paths(args: argparse.Namespace, paths: list[Path]) -> list[Path]:
+    """The --list file's paths not already in `paths` (a file named twice is explained once)."""
+    if args.list is None:
+        return []
+    try:
+        listed = read_path_list(args.list, lambda line: print(f"jaxattr: warning: {line}", file=sys.stderr))
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read --list {args.list}: {getattr(e, 'strerror', None) or e}") from None
+    seen, new = {p.resolve() for p in paths}, []
+    for path in listed:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            new.append(path)
+    return new
+
+
+def finished(args: argparse.Namespace, output: OutputDir, name: str) -> bool:
+    """Whether an image's outputs exist: its two files, or with --top-k the files of every class
+    its finished record lists."""
+    if not args.top_k:
+        return outputs_complete(outputs(args.out, name))
+    record = output.records.get(name)
+    if record is None or not record.get("classes"):
+        return False
+    return all(outputs_complete(class_outputs(args.out, name, int(c))) for c in record["classes"].split())
 
 
 def extra_output(out: Path, name: str, extra: str) -> Path:
@@ -191,6 +264,8 @@ def settings(args: argparse.Namespace, method: Method, target: int | None, trans
         "panel": args.panel,
         "alpha": args.alpha,
     }
+    if args.top_k:
+        values["top_k"] = args.top_k
     if method.spec.takes_references:  # in this order: a picture's index names its reference
         values["references"] = [str(p.resolve()) for p in references]
     if uses_keys(method):
@@ -203,12 +278,12 @@ def uses_keys(method: Method) -> bool:
     return method.stochastic or method.spec.takes_references
 
 
-def explain_batch(model, method: Method, batch: Batch, keys, target, references=None) -> list[tuple]:
+def explain_batch(model, method: Method, batch: Batch, keys, target, references=None, top_k: int | None = None) -> list[tuple]:
     """(attribution, saliency map, class, probability, {extra output: array}) per real row of the
-    batch, as numpy."""
+    batch, as numpy; with `top_k`, the first four with a leading class axis of size K."""
     arrays = {} if references is None else {"references": references}
     try:
-        result = explain(model, jnp.asarray(batch.inputs), method, targets=target, key=keys, **arrays)
+        result = explain(model, jnp.asarray(batch.inputs), method, targets=target, top_k=top_k, key=keys, **arrays)
     except ValueError as e:  # inputs the method cannot take (e.g. a mask larger than the image)
         raise CliError(f"{method.spec.name}: {e}") from None
     n = len(batch.items)
@@ -242,6 +317,14 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise config_error(e) from None
     target = parse_target(args.target)
+    if args.top_k and target is not None:
+        raise CliError("--top-k and --target exclude each other")
+    if args.loaders < 0:
+        raise CliError(f"--loaders must be 0 or more, got {args.loaders}")
+    if not args.inputs and args.list is None:
+        raise CliError("give image files, directories or --list FILE")
+    if args.compile_cache:  # before anything compiles: JAX decides once per process
+        enable_compile_cache(jaxattr_home() / "compile")
     transform = preprocessing(args, info)
     skipped: list[ImageLoadError] = []
     try:
@@ -251,10 +334,11 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     except RunError as e:
         raise CliError(str(e)) from None
+    paths += listed_paths(args, paths)
     for error in skipped:
         print(f"jaxattr: warning: skipped {error}", file=sys.stderr)
     if not paths and not skipped:
-        raise CliError(f"no image files in {', '.join(map(display_path, args.inputs))}")
+        raise CliError(f"no image files in {', '.join(map(display_path, [*args.inputs, *([args.list] if args.list else [])]))}")
     reference_paths, references = _load_references(args, method, transform)
     try:
         names = output_names([*paths, *(e.path for e in skipped)])
@@ -269,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
     todo = []
     for path in paths:
         name = names[path]
-        if not args.overwrite and outputs_complete(outputs(args.out, name)):
+        if not args.overwrite and finished(args, output, name):
             records[name] = output.records.get(name) or dataclasses.asdict(ImageRecord(str(path), name, "exists"))
         else:
             todo.append(path)
@@ -297,6 +381,10 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1 if failed else 0
+
+
+def _rgb(picture: np.ndarray) -> np.ndarray:
+    return picture if picture.ndim == 3 else np.repeat(picture[..., None], 3, axis=-1)
 
 
 def _check_on_model(model, method: Method, batch_size: int, size: int, target: int | None, references) -> None:
@@ -354,7 +442,9 @@ def _explain_files(
     method = fit_memory(method, model, batch_size, (size, size, 3))
     _check_on_model(model, method, batch_size, size, target, references)
     output.create()
-    progress = Progress(len(todo), sys.stderr)
+    if args.top_k and args.top_k > num_classes:
+        raise CliError(f"--top-k {args.top_k} is more than the {num_classes} classes of {args.model}")
+    progress = make_progress(len(todo), sys.stderr)
     spec = method.spec
     pictured = [extra for extra in spec.extra_outputs if getattr(args, EXTRA_DEST + extra.flag, False)]
     arrays = {} if references is None else {"references": references}
@@ -364,31 +454,41 @@ def _explain_files(
         if uses_keys(method):  # padded rows repeat the last real row's key
             keys = file_keys(args.seed, [names[p] for p in batch.items])
             keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], batch_size - len(batch.items))])
-        results = explain_batch(model, method, batch, keys, target, references)
+        results = explain_batch(model, method, batch, keys, target, references, args.top_k)
         pictures = [{} for _ in results]
         for extra in pictured:  # one dict of pictures per row, merged over the requested extras
             computed = extra.pictures(model, jnp.asarray(batch.inputs), target, config=method.config, key=keys, **arrays)
             pictures = [{**mine, **theirs} for mine, theirs in zip(pictures, computed)]
         return [(*result, extra) for result, extra in zip(results, pictures)]
 
+    def write_files(png: Path, npy: Path, image: np.ndarray, attribution: np.ndarray, saliency_map: np.ndarray) -> None:
+        # Each file is atomic; an image only counts as done once both exist.
+        viz.write_atomically(npy, lambda f: np.save(f, attribution))
+        heat = viz.contrast(saliency_map, spec.contrast)
+        picture = viz.panel(image, heat, args.alpha) if args.panel else viz.overlay(image, heat, args.alpha)
+        viz.save_png(png, picture)
+
     def save(path: Path, image: np.ndarray, result: tuple) -> dict:
-        attribution, saliency_map, cls, probability, extras, pictures = result
-        name, cls = names[path], int(cls)
-        record = ImageRecord(str(path), name, EXPLAINED, cls, class_label(cls, num_classes), float(probability))
+        attribution, saliency_map, classes, probabilities, extras, pictures = result
+        name = names[path]
+        classes = np.atleast_1d(classes)  # (K,) with --top-k, else one class
+        cls = int(classes[0])
+        record = ImageRecord(
+            str(path), name, EXPLAINED, cls, class_label(cls, num_classes), float(np.atleast_1d(probabilities)[0])
+        )
         if np.isfinite(attribution).all() and np.isfinite(saliency_map).all():
-            heat = viz.contrast(saliency_map, spec.contrast)
-            png, npy = outputs(args.out, name)
-            # The method's extra outputs (MethodSpec.extras) first, as <name>.<output>.npy.
-            for extra, value in extras.items():
-                viz.write_atomically(extra_output(args.out, name, extra), lambda f, v=value: np.save(f, v))
-            # Each file is atomic; an image only counts as done once both exist.
-            viz.write_atomically(npy, lambda f: np.save(f, attribution))
-            picture = viz.panel(image, heat, args.alpha) if args.panel else viz.overlay(image, heat, args.alpha)
-            viz.save_png(png, picture)
-            for suffix, extra_picture in pictures.items():
-                extra_picture = np.asarray(extra_picture)
-                rgb = extra_picture if extra_picture.ndim == 3 else np.repeat(extra_picture[..., None], 3, axis=-1)
-                viz.save_png(args.out / f"{name}_{suffix}.png", rgb)
+            if args.top_k:
+                record.classes = " ".join(str(int(c)) for c in classes)
+                for c, a, m in zip(classes, attribution, saliency_map, strict=True):
+                    write(functools.partial(write_files, *class_outputs(args.out, name, int(c)), image, a, m))
+            else:
+                # The method's extra outputs (MethodSpec.extras, pictures asked for) first.
+                for extra, value in extras.items():
+                    path_ = extra_output(args.out, name, extra)
+                    write(functools.partial(viz.write_atomically, path_, lambda f, v=value: np.save(f, v)))
+                for suffix, extra_picture in pictures.items():
+                    write(functools.partial(viz.save_png, args.out / f"{name}_{suffix}.png", _rgb(np.asarray(extra_picture))))
+                write(functools.partial(write_files, *outputs(args.out, name), image, attribution, saliency_map))
         else:
             record.status, record.message = "non-finite", "NaN or inf in the attribution; outputs not written"
             progress.note(f"skipped {path}: {record.message}")
@@ -397,13 +497,30 @@ def _explain_files(
     def unreadable(path: Path, error: ImageLoadError) -> dict:
         return dataclasses.asdict(ImageRecord(str(path), names[path], "unreadable", message=error.reason))
 
-    return run_batches(
-        todo,
-        batch_size=batch_size,
-        load=lambda path: load_image(path, transform),
-        compute=compute,
-        save=save,
-        unreadable=unreadable,
-        output=output,
-        progress=progress,
+    load = lambda path: load_image(path, transform)
+    with contextlib.ExitStack() as stages, CompileClock() as clock:
+        if args.loaders:  # the pipeline: see jaxattr.run; the same batches as the sequential path
+            load = stages.enter_context(Prefetch(todo, load, workers=args.loaders, ahead=2 * batch_size))
+            write = stages.enter_context(BackgroundWriter(depth=2 * batch_size * (args.top_k or 1))).submit
+        else:
+            write = write_now
+        start = time.monotonic()
+        records = run_batches(
+            todo,
+            batch_size=batch_size,
+            load=load,
+            compute=compute,
+            save=save,
+            unreadable=unreadable,
+            output=output,
+            progress=progress,
+        )
+        stages.close()  # the last outputs are written before the summary that lists them is final
+    output.write_summary()
+    elapsed = time.monotonic() - start
+    print(
+        f"{len(todo)} images in {elapsed:.1f}s ({len(todo) / elapsed:.2f} images/s), "
+        f"compile {clock.seconds:.2f}s{'' if args.compile_cache else ' (compile cache off)'}",
+        file=sys.stderr,
     )
+    return records

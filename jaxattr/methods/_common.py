@@ -37,17 +37,19 @@ def require_model(forward: Forward, method: str, why: str = "reads the model's i
     return forward
 
 
-def check_inputs(images: Array, targets: Array | int | None) -> None:
-    """Eager validation at the public boundary (shapes are static, so this costs nothing)."""
+def check_inputs(images: Array, targets: Array | int | None, *, several_classes: bool = False) -> None:
+    """Eager validation at the public boundary (shapes are static, so this costs nothing).
+    `several_classes`: targets may also have shape (b, K), K classes per image."""
     check_images(images)
     if images.shape[0] == 0:
         raise ValueError("expected at least one image, got an empty batch")
     if isinstance(targets, bool):
         raise TypeError(f"targets must be integer class indices, got {targets!r}")
     if targets is not None and not isinstance(targets, int):
-        shape = jnp.shape(targets)
-        if shape not in ((), (images.shape[0],)):
-            raise ValueError(f"targets must be an int or have shape ({images.shape[0]},), got {shape}")
+        shape, b = jnp.shape(targets), images.shape[0]
+        if not (shape in ((), (b,)) or (several_classes and len(shape) == 2 and shape[0] == b and shape[1] > 0)):
+            allowed = f"({b},)" + (f" or ({b}, K)" if several_classes else "")
+            raise ValueError(f"targets must be an int or have shape {allowed}, got {shape}")
         if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
             raise TypeError(f"targets must be integer class indices, got dtype {jnp.result_type(targets)}")
 

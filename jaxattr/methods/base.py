@@ -40,7 +40,7 @@ from jaxattr.methods._common import (
     predicted_classes,
 )
 
-Targets = Int[Array, " b"] | int | None
+Targets = Int[Array, " b"] | Int[Array, "b k"] | int | None
 
 
 class Attribution(Protocol):
@@ -157,10 +157,12 @@ def config_type_message(expected: type[Config], config: Any) -> str:
     return f"config must be a {expected.__name__}, got {type(config).__name__}{hint}"
 
 
-def check_call(forward: Any, images: Array, targets: Targets, key: jax.Array | None) -> None:
+def check_call(
+    forward: Any, images: Array, targets: Targets, key: jax.Array | None, *, several_classes: bool = False
+) -> None:
     """What every method checks at its public boundary, before anything is traced: shapes and
     dtypes, finite pixel values in [0, 1] (within a margin), class indices the model has, a real key."""
-    check_inputs(images, targets)
+    check_inputs(images, targets, several_classes=several_classes)
     check_key(key, images.shape[0])
     check_values(images)
     check_target_range(forward, images, targets)
@@ -186,7 +188,15 @@ def run_compiled(
     depend on which batch it came in (the CLI keys images by file name). `per_image` holds arrays
     with a leading batch axis that belong to their image (IG2's references per explicand): with
     per-image keys each image's call gets its own rows. The result is a pytree with a leading
-    batch axis (attributions, or a method's richer result)."""
+    batch axis (attributions, or a method's richer result).
+
+    `targets` of shape (b, K) explains K classes of every image in one program, vmapped over the
+    class axis: attributions (b, K, ...), each class's equal to a run with that class alone (same
+    key, so the same noise)."""
+    if jnp.ndim(targets) == 2:
+        check_call(as_forward(model), images, targets, key, several_classes=True)
+        one_class = lambda t: run_compiled(compiled, config_class, model, images, t, config=config, key=key, per_image=per_image, **arrays)
+        return jax.vmap(one_class, in_axes=1, out_axes=1)(jnp.asarray(targets, jnp.int32))
     if not isinstance(config, config_class):
         raise TypeError(config_type_message(config_class, config))
     forward = as_forward(model)

@@ -1,0 +1,93 @@
+"""How much of `jaxattr explain`'s wall time is device compute: the CLI over copies of the sample
+images (decode, compute, write; pipelined and sequential) against the pure compute of the same
+compiled program on an already-loaded batch. Same process, so neither side compiles in the timed
+part (the program is compiled once up front). One run, ratios printed.
+
+    python benchmarks/pipeline.py                         # the issue's setting: 64 copies, IG 32 steps
+    python benchmarks/pipeline.py --copies 2 --steps 8    # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxattr import cli, explain
+from jaxattr.image import expand_paths, load_batch
+from jaxattr.models import create_model, model_info
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "efficientnet_lite0"
+
+
+def copies(folder: Path, n: int) -> list[Path]:
+    """`n` copies of every sample image, distinct files (links to one file count once)."""
+    sources = expand_paths([ROOT / "examples" / "images"])
+    made = []
+    for i in range(n):
+        for source in sources:
+            made.append(Path(shutil.copyfile(source, folder / f"copy{i:03d}_{source.name}")))
+    return made
+
+
+def device_seconds_per_image(batch_size: int, steps: int, repeats: int) -> float:
+    """Compute alone: explain() on a loaded batch of `batch_size`, compiled first, results on host."""
+    info = model_info(MODEL)
+    sources = expand_paths([ROOT / "examples" / "images"])
+    images = jnp.asarray(load_batch((sources * batch_size)[:batch_size], info))
+    model = create_model(MODEL)
+    run = lambda: jax.block_until_ready(explain(model, images, "integrated_gradients", steps=steps))
+    run()  # compile
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - start) / (repeats * batch_size)
+
+
+def cli_seconds_per_image(paths: list[Path], out: Path, batch_size: int, steps: int, loaders: int) -> float:
+    argv = ["explain", *map(str, paths), "--model", MODEL, "--method", "integrated_gradients", "--steps", str(steps)]
+    argv += ["--out", str(out), "--batch-size", str(batch_size), "--loaders", str(loaders), "--no-compile-cache"]
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        status = cli.main(argv)
+    elapsed = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"jaxattr explain failed ({status})")
+    return elapsed / len(paths)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--copies", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--loaders", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="timed repetitions of the pure compute")
+    args = parser.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {MODEL}, integrated_gradients {args.steps} steps, "
+          f"batch {args.batch_size}")
+    device = device_seconds_per_image(args.batch_size, args.steps, args.repeats)
+    work = Path(tempfile.mkdtemp(prefix="jaxattr-pipeline-"))
+    try:
+        (work / "in").mkdir()
+        paths = copies(work / "in", args.copies)
+        pipelined = cli_seconds_per_image(paths, work / "pipelined", args.batch_size, args.steps, args.loaders)
+        sequential = cli_seconds_per_image(paths, work / "sequential", args.batch_size, args.steps, 0)
+    finally:
+        shutil.rmtree(work)
+    print(f"{len(paths)} images")
+    print(f"device compute only        {device * 1e3:9.1f} ms/image")
+    print(f"explain, pipelined ({args.loaders} loaders) {pipelined * 1e3:9.1f} ms/image   wall/device = {pipelined / device:.3f}")
+    print(f"explain, sequential        {sequential * 1e3:9.1f} ms/image   wall/device = {sequential / device:.3f}")
+
+
+if __name__ == "__main__":
+    main()
