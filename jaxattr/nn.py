@@ -131,11 +131,9 @@ def _input_gradient(g, kernel, x_shape, strides, padding):
     )
     swapped = kernel.swapaxes(2, 3)
     correlate = functools.partial(jax.lax.conv_general_dilated, lhs_dilation=strides, dimension_numbers=_NHWC)
-    if g.size + np.prod(x_shape) < kernel.size:
-        # Deep layers at small batches: flipping g and the result costs less than flipping the
-        # kernel (XLA:CPU's fused flip-and-transpose of a kernel is slow), same products.
-        mirrored = tuple((high, low) for low, high in transposed_padding)
-        return jnp.flip(correlate(jnp.flip(g, (1, 2)), swapped, (1, 1), mirrored), (1, 2))
+    # One form for every batch size (flipping g and the result instead is faster for deep layers
+    # at small batches, but rounds differently): an image's map must not depend on how many
+    # images share its batch, or a resumed run would not reproduce an uninterrupted one bit for bit.
     return correlate(g, jnp.flip(swapped, (0, 1)), (1, 1), transposed_padding)
 
 

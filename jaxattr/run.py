@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import csv
 import hashlib
 import io
@@ -229,6 +230,8 @@ class OutputDir:
         self._check_usable()
         earlier = {} if overwrite else self._earlier_records()
         self.records: dict[str, dict] = {n: r for n, r in earlier.items() if r.get("status") == finished}
+        # A background writer records an input once its files are written (`run_batches`).
+        self._records_lock = threading.Lock()
         self._replace_summary = overwrite  # the first write replaces the summary on disk
         self._warned_unlocked = False
         self._created = False
@@ -294,7 +297,8 @@ class OutputDir:
         return records
 
     def record(self, record: Mapping[str, Any]) -> None:
-        self.records[record["output"]] = dict(record)
+        with self._records_lock:
+            self.records[record["output"]] = dict(record)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -326,7 +330,9 @@ class OutputDir:
             settings, on_disk = (None, {}) if self._replace_summary else self._read_summary()
             if settings is not None and settings != self.settings:
                 raise self._settings_clash(settings)
-            merged = {**{n: r for n, r in on_disk.items() if r.get("status") == self.finished}, **self.records}
+            with self._records_lock:
+                mine = dict(self.records)
+            merged = {**{n: r for n, r in on_disk.items() if r.get("status") == self.finished}, **mine}
             records = list(merged.values())
             # Undecodable bytes of file names stay \udcXX escapes in JSON (json.loads and os.fsencode
             # give the bytes back) and are written as the original bytes in the CSV.
@@ -409,13 +415,20 @@ def run_batches(
     unreadable: Callable[[Item, ImageLoadError], Mapping[str, Any]],
     output: OutputDir,
     progress: Progress,
+    after_writes: Callable[[Callable[[], Any]], None] | None = None,
+    drain: Callable[[], None] | None = None,
 ) -> list[dict]:
     """Process `todo` in batches of `batch_size` (the last one padded); returns their records.
 
     load(item) -> inputs (a pytree of arrays; ImageLoadError: the item is recorded by
     `unreadable(item, error)` and skipped); compute(batch) -> one result per real row;
-    save(item, inputs, result) -> the item's record, after writing its outputs. The summary is rewritten
-    after every batch, so an interrupted run keeps the records of its finished inputs."""
+    save(item, inputs, result) -> the item's record, after writing its outputs or handing their
+    writes to a writer; `after_writes(task)` runs the task once every write handed over so far is
+    done (the writer's `submit`; default: at once), so an input enters the summary only when its
+    files exist; `drain()` waits for every handed-over write (the writer's `close`), raising its
+    failure. The summary is rewritten after every batch, so an interrupted run keeps the records
+    of its finished inputs."""
+    after_writes = after_writes or write_now
     records = []
     try:
         for start in range(0, len(todo), batch_size):
@@ -434,9 +447,12 @@ def run_batches(
                 results = compute(Batch(items, inputs, valid))
                 for (item, inputs), result in zip(loaded, results, strict=True):
                     records.append(dict(save(item, inputs, result)))
-                    output.record(records[-1])
+                    after_writes(functools.partial(output.record, records[-1]))
             output.write_summary()
             progress.advance(len(chunk))
+        if drain is not None:
+            drain()
+            output.write_summary()
     except OSError as e:
         _save_what_is_finished(output)
         raise write_error(e, output) from None

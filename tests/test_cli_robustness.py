@@ -403,7 +403,8 @@ def test_disk_full_mid_run_keeps_the_finished_images(weights, tmp_path, monkeypa
     real, calls = jaxattr.viz.write_atomically, []
 
     def full_after_four(path, write):
-        calls.append(path)
+        if Path(path).name.startswith("img"):  # the summary's writes (interleaved with the
+            calls.append(path)                  # pipeline's background writes) still succeed
         if len(calls) > 4:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, write)

@@ -253,7 +253,7 @@ def test_selection_rules(model64):
     np.testing.assert_array_equal(indices, np.tile(np.arange(6), (2, 1)))
     np.testing.assert_array_equal(np.asarray(weights) > 0, classes[None, :] != targets[:, None])
     np.testing.assert_allclose(np.asarray(weights).sum(axis=1), 1.0)
-    relevant = config.replace(selection="relevant", top_k=3)
+    relevant = config.replace(selection="relevant", relevant_classes=3)
     _, weights, _ = select_references(model64, images, references=pool, config=relevant)
     ranked = np.argsort(-np.asarray(model64(jnp.asarray(images))), axis=-1)[:, 1:3]  # the 2nd and 3rd classes
     np.testing.assert_array_equal(np.asarray(weights) > 0, (classes[None, :, None] == ranked[:, None, :]).any(-1))
@@ -442,7 +442,9 @@ def reference_probe(monkeypatch):
 def test_cli_loads_references_and_writes_extra_pictures(cli_setup, tmp_path, reference_probe, capsys):
     out = tmp_path / "out"
     assert _cli(cli_setup, out, "--method", "refprobe", "--references", str(cli_setup[1]), "--save-firsts") == 0
-    ((references, key),) = reference_probe
+    # Traced once on the batch's shapes (options checked on the model first), then run: the same references.
+    references, key = reference_probe[-1]
+    assert all(np.array_equal(r, references) for r, _ in reference_probe)
     assert references.shape == (2, 224, 224, 3)  # the model's eval transform, like the inputs
     assert key is not None  # methods taking references may draw among them: per-file keys
     assert "refprobe: 2 reference images, fewer than --num-references 8" in capsys.readouterr().err

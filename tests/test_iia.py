@@ -319,7 +319,7 @@ def test_cli_flags_and_a_bad_layer(tmp_path, capsys):
     attribution = np.load(tmp_path / "out/cat.npy")
     assert attribution.shape == (224, 224) and np.isfinite(attribution).all()
     capsys.readouterr()
-    assert cli.main([*base, "--layer", "layer9", "--out", str(tmp_path / "bad")]) == 1
+    assert cli.main([*base, "--layer", "layer9", "--out", str(tmp_path / "bad")]) == 2  # a usage error, before any work
     err = capsys.readouterr().err.strip()
     assert err.startswith("jaxattr: error: iia on resnet18: unknown layer 'layer9'") and "\n" not in err
     assert not (tmp_path / "bad").exists()

@@ -37,8 +37,10 @@ def test_the_estimate_bounds_the_compiled_program(model, name, options):
     method = method_spec(name).build(**options)
     estimated = memory.estimate(method, model, BATCH, SHAPE).bytes
     compiled = _compiled_bytes(model, method)
-    # An upper bound, and not a uselessly loose one.
-    assert compiled <= estimated <= 20 * compiled, (compiled, estimated)
+    # An upper bound, and not a uselessly loose one. (SmoothGrad of saliency at batch 2 is the
+    # loosest: XLA:CPU reuses one sample's buffers for the next, 23x below the estimate since the
+    # CPU convolution forms of jaxattr.nn.)
+    assert compiled <= estimated <= 32 * compiled, (compiled, estimated)
 
 
 def test_fit_picks_the_largest_chunk_within_the_budget(model):

@@ -110,8 +110,10 @@ def _half_squared_norm(x):
 
 @pytest.mark.parametrize("relative", [True, False])
 def test_noise_standard_deviation(relative):
-    x = np.random.RandomState(1).rand(2, 8, 8, 3).astype(np.float32)
-    x[1] *= 0.25  # a smaller range: a smaller relative sigma
+    # Values in [0.3, 0.8], not [0, 1]: there max(x) - min(x) and max(x) differ by a factor ~1.6, so
+    # the check tells PAIR's range-relative sigma from one relative to the maximum.
+    x = 0.3 + 0.5 * np.random.RandomState(1).rand(2, 8, 8, 3).astype(np.float32)
+    x[1] = 0.3 + 0.25 * (x[1] - 0.3)  # a smaller range: a smaller relative sigma
     config = SmoothGradConfig(kind="vargrad", samples=1000, stdev=0.2, relative=relative, chunk=250)
     variance = np.asarray(smoothgrad(_half_squared_norm, x, 0, config=config, key=jax.random.key(0)))
     sigma = 0.2 * np.ptp(x, axis=(1, 2, 3)) if relative else np.full(2, 0.2)

@@ -253,7 +253,7 @@ def test_list_file_of_paths(images, tmp_path, weights, capsys):
     err = capsys.readouterr().err
     assert "missing.png" in err and "skipped" in err
     assert sorted(r["output"] for r in _records(tmp_path / "out")) == ["im0", "im3"]
-    assert _explain([], tmp_path / "out", weights) == 1
+    assert _explain([], tmp_path / "out", weights) == 2  # a usage error
     assert "--list FILE" in capsys.readouterr().err
     assert _explain([], tmp_path / "out", weights, "--list", str(tmp_path / "nope.txt")) == 1
     assert "cannot read --list" in capsys.readouterr().err

@@ -320,9 +320,9 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k and target is not None:
         raise CliError("--top-k and --target exclude each other")
     if args.loaders < 0:
-        raise CliError(f"--loaders must be 0 or more, got {args.loaders}")
+        raise CliError(f"argument --loaders: must be 0 or more, got {args.loaders}", status=2)
     if not args.inputs and args.list is None:
-        raise CliError("give image files, directories or --list FILE")
+        raise CliError("the following arguments are required: IMAGES_OR_DIRS (or --list FILE)", status=2)
     if args.compile_cache:  # before anything compiles: JAX decides once per process
         enable_compile_cache(jaxattr_home() / "compile")
     transform = preprocessing(args, info)
@@ -501,9 +501,10 @@ def _explain_files(
     with contextlib.ExitStack() as stages, CompileClock() as clock:
         if args.loaders:  # the pipeline: see jaxattr.run; the same batches as the sequential path
             load = stages.enter_context(Prefetch(todo, load, workers=args.loaders, ahead=2 * batch_size))
-            write = stages.enter_context(BackgroundWriter(depth=2 * batch_size * (args.top_k or 1))).submit
+            writer = stages.enter_context(BackgroundWriter(depth=2 * batch_size * (args.top_k or 1)))
+            write, drain = writer.submit, writer.close
         else:
-            write = write_now
+            write, drain = write_now, None
         start = time.monotonic()
         records = run_batches(
             todo,
@@ -514,9 +515,9 @@ def _explain_files(
             unreadable=unreadable,
             output=output,
             progress=progress,
+            after_writes=write,
+            drain=drain,
         )
-        stages.close()  # the last outputs are written before the summary that lists them is final
-    output.write_summary()
     elapsed = time.monotonic() - start
     print(
         f"{len(todo)} images in {elapsed:.1f}s ({len(todo) / elapsed:.2f} images/s), "

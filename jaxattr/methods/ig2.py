@@ -78,10 +78,10 @@ class IG2Config(Config):
     chunk: int | None = static(1, optional(integer(1)))
     # Which of the given references an explicand uses: every one; those the model predicts as
     # another class than the explained one (the notebooks' rule); or those predicted as one of the
-    # explicand's top_k classes other than the explained one (the notebooks' "relevant references",
-    # top-2..top-k of the prediction).
+    # explicand's top `relevant_classes` classes other than the explained one (the notebooks'
+    # "relevant references", top-2..top-k of the prediction).
     selection: Selection = static("other_class")
-    top_k: int = static(4, integer(2))
+    relevant_classes: int = static(4, integer(2))
     # Up to this many qualifying references per explicand (the notebooks' n_reference = 8), drawn
     # with the key when more qualify; None: every qualifying one.
     num_references: int | None = static(8, optional(integer(1)))
@@ -189,7 +189,7 @@ def _select_references(forward, images, targets, references, key, config: IG2Con
         classes = jnp.broadcast_to(classes, (b, available))
         qualifies = classes != targets[:, None]
         if config.selection == "relevant":
-            top = jax.lax.top_k(forward(images), config.top_k)[1]
+            top = jax.lax.top_k(forward(images), config.relevant_classes)[1]
             qualifies &= jnp.any(classes[:, :, None] == top[:, None, :], axis=-1)
     slots = _slots(available, config)
     if slots == available:  # every reference has a slot: no draw

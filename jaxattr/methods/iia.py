@@ -51,7 +51,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from jaxattr import maps, paths
-from jaxattr.config import Config, config, integer, optional, static
+from jaxattr.config import Config, config, integer, name, optional, static
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import Output, check_inputs, require_model, resolve_targets, target_scores
 from jaxattr.methods.base import MethodSpec, register, run_compiled
@@ -75,7 +75,7 @@ class IIAConfig(Config):
     # CNN: the layer whose activations are integrated (None: the model's feature layer, ResNet
     # layer4). ViT: the block whose attention is on the path, by block or attention-site name
     # (None: the last block, the reference's).
-    layer: str | None = static(None)
+    layer: str | None = static(None, optional(name()))
     # Image path: steps + 1 points (None: 10 for CNNs, 5 for ViTs).
     steps: int | None = static(None, optional(integer(1)))
     # CNNs only: 'reference' (the authors' degenerate activation integral) or 'integrated'.
