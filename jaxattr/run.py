@@ -333,7 +333,7 @@ class OutputDir:
             with self._records_lock:
                 mine = dict(self.records)
             merged = {**{n: r for n, r in on_disk.items() if r.get("status") == self.finished}, **mine}
-            records = list(merged.values())
+            records = [merged[name] for name in sorted(merged)]  # the same file whatever the timing
             # Undecodable bytes of file names stay \udcXX escapes in JSON (json.loads and os.fsencode
             # give the bytes back) and are written as the original bytes in the CSV.
             payload = json.dumps({"settings": self.settings, "images": records}, indent=2)
@@ -439,7 +439,7 @@ def run_batches(
                     loaded.append((item, load(item)))
                 except ImageLoadError as e:
                     records.append(dict(unreadable(item, e)))
-                    output.record(records[-1])
+                    after_writes(functools.partial(output.record, records[-1]))  # in input order
                     progress.note(f"skipped unreadable {e}")
             if loaded:
                 items = [item for item, _ in loaded]
@@ -448,21 +448,28 @@ def run_batches(
                 for (item, inputs), result in zip(loaded, results, strict=True):
                     records.append(dict(save(item, inputs, result)))
                     after_writes(functools.partial(output.record, records[-1]))
-            output.write_summary()
+            # Behind the batch's files and records: the summary never lists an input whose files
+            # are not written, and (as in the sequential path) lags them by one batch at most.
+            after_writes(output.write_summary)
             progress.advance(len(chunk))
         if drain is not None:
             drain()
             output.write_summary()
     except OSError as e:
-        _save_what_is_finished(output)
+        _save_what_is_finished(output, drain)
         raise write_error(e, output) from None
     except BaseException:  # an interrupt or a failure: keep the records of what finished
-        _save_what_is_finished(output)
+        _save_what_is_finished(output, drain)
         raise
     return records
 
 
-def _save_what_is_finished(output: OutputDir) -> None:
+def _save_what_is_finished(output: OutputDir, drain: Callable[[], None] | None) -> None:
+    if drain is not None:  # the writes handed over complete (and record their inputs) first
+        try:
+            drain()
+        except Exception:  # a failed write: the inputs written before it keep their records
+            pass
     try:
         output.write_summary()
     except (OSError, RunError):  # the disk is full, say: the summary on disk stays as it was

@@ -3,9 +3,6 @@
 the input of the torchvision model's final Linear), plus the spec's property checks (A.3, §3)."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from jaxattr.models import Model
 from jaxattr.models.resnet import ResNet
 from jaxattr.models.vgg import VGG
 from jaxattr.models.vit import VisionTransformer
+from _devices import report_on_four_devices
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -380,13 +378,7 @@ SHARDED = textwrap.dedent(
 
 @pytest.mark.slow  # a subprocess compiling four programs (~50 s of CPU)
 def test_four_cpu_devices_change_nothing():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "-c", SHARDED, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=900
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.split("REPORT", 1)[1])
+    report = json.loads(report_on_four_devices(SHARDED, __file__))
     for name, diffs in report.items():
         assert max(diffs) <= 1e-12, (name, diffs)  # float64: the same arithmetic, split over devices
 

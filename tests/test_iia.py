@@ -4,8 +4,6 @@ ResNet's last layer (iia.md §2.3, §2.5), torch's resizers, rollout's propertie
 the segmentation protocol's pieces and bad input."""
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -27,6 +25,7 @@ from jaxattr.models import Model  # noqa: E402
 from jaxattr.models.resnet import ResNet  # noqa: E402
 from jaxattr.models.vit import VisionTransformer  # noqa: E402
 from jaxattr.models.weights import params_from_state_dict  # noqa: E402
+from _devices import report_on_four_devices
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_models_vit import tiny_pair  # noqa: E402
@@ -239,10 +238,7 @@ SHARDED_VIT = textwrap.dedent(
 def test_a_vit_sharded_over_four_devices_equals_one_device():
     """The CNN case is in test_methods_contract's sharded sweep (not slow); this one starts a
     process with four CPU devices and compiles a ViT there."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", SHARDED_VIT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert float(done.stdout.split("REPORT", 1)[1]) <= 1e-5
+    assert float(report_on_four_devices(SHARDED_VIT, timeout=600)) <= 1e-5
 
 
 def test_a_vit_made_for_another_image_size():

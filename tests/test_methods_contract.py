@@ -4,11 +4,7 @@ single-image runs, K classes per image equal K single-class runs, sharded equals
 clean ConfigError. A new method joins with one line in CASES."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +15,7 @@ from jaxattr import ConfigError, explain, method
 from jaxattr.methods import list_methods, method_spec
 from jaxattr.models import Model
 from jaxattr.models.resnet import ResNet
+from _devices import report_on_four_devices
 
 # name: (small options for a fast run, one invalid option)
 CASES = {
@@ -157,13 +154,7 @@ SHARDED = textwrap.dedent(
 
 
 def test_sharded_equals_single_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "-c", SHARDED, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=900
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.split("REPORT", 1)[1])
+    report = json.loads(report_on_four_devices(SHARDED, __file__))
     assert set(report) == set(CASES)
     for name, diffs in report.items():
         assert max(diffs) <= 1e-5, (name, diffs)  # 3 images on 4 devices: one padded row

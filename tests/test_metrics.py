@@ -7,11 +7,7 @@ batched. The twin's classifier weights are scaled by 5 so that probabilities spr
 the curves move (a random ResNet is otherwise nearly uniform)."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +18,7 @@ import jax.numpy as jnp
 from jaxattr import metrics
 from jaxattr.metrics import segmentation
 from jaxattr.metrics._common import descending_ranks, ascending_ranks
+from _devices import report_on_four_devices
 
 torch = pytest.importorskip("torch")
 scipy_ndimage = pytest.importorskip("scipy.ndimage")
@@ -509,11 +506,7 @@ DEVICES_SCRIPT = textwrap.dedent(
 
 
 def test_chunks_and_devices_change_nothing():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    report = json.loads(out.stdout.split("REPORT", 1)[1])
+    report = json.loads(report_on_four_devices(DEVICES_SCRIPT, timeout=600))
     assert set(report) == {"rise_insertion", "igos_deletion", "igos_insertion", "perturbation", "confidence"}
     for name, diffs in report.items():
         assert diffs.pop("valid") == [True, True, False], name
