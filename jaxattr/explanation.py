@@ -116,9 +116,10 @@ def explain(
         targets = jnp.broadcast_to(jnp.asarray(targets, jnp.int32), predicted.shape)
     targets = jnp.asarray(targets, jnp.int32)
     arrays = {name: a for name, a in (("baselines", baselines), ("references", references)) if a is not None}
-    if targets.ndim == 2 and spec.extras is not None:
-        raise ValueError(f"{spec.name} has extra outputs: explain one class per image with it (targets of shape (b,))")
-    attributions, extras = bound.with_extras(model, images, targets, key=key, **arrays)
+    if targets.ndim == 2:  # several classes: the attributions alone (a method without them says so)
+        attributions, extras = bound(model, images, targets, key=key, **arrays), {}
+    else:
+        attributions, extras = bound.with_extras(model, images, targets, key=key, **arrays)
     leading = targets.shape  # (b,) or (b, K): the map reductions take one flat batch axis
     flat = attributions.reshape(-1, *attributions.shape[len(leading) :])
     maps = upsample(spec.saliency(flat), images.shape[1:3], spec.upsample).reshape(*leading, *images.shape[1:3])

@@ -34,8 +34,7 @@ from PIL import Image
 import jaxattr.viz
 from jaxattr import cli, run as run_module
 from jaxattr.cli._common import config_options, flag
-from jaxattr.config import literal_choices
-from jaxattr.methods import list_methods, method_spec
+from jaxattr.methods import list_methods
 from jaxattr.models import create_model
 from jaxattr.models.weights import save_params
 

@@ -420,12 +420,17 @@ def reference_probe(monkeypatch):
         seen.append((references, key))
         return images - jnp.mean(references, axis=0)
 
-    def pictures(model, images, targets=None, *, config, key=None, references=None):
-        return [{"first": np.asarray(references[0]), "grey": np.asarray(references[0, ..., 0])} for _ in images]
+    def with_first(model, images, targets=None, *, config=None, key=None, references=None):
+        first = jnp.broadcast_to(references[0], images.shape)
+        return probe(model, images, targets, config=config, key=key, references=references), {"first": first}
+
+    def pictures(extras):
+        return {"first": extras["first"], "grey": extras["first"][..., 0]}
 
     spec = MethodSpec(
         "refprobe", probe, ProbeConfig, "test", saliency=maps.abs_sum, contrast=maps.Contrast(),
-        takes_references=True, extra_outputs=(ExtraOutput("save-firsts", "the first reference", pictures),),
+        takes_references=True, extras=with_first,
+        extra_outputs=(ExtraOutput("save-firsts", "the first reference", ("first",), pictures),),
     )
     monkeypatch.setitem(method_base._METHODS, "refprobe", spec)
     return seen
@@ -441,6 +446,12 @@ def test_cli_loads_references_and_writes_extra_pictures(cli_setup, tmp_path, ref
     assert key is not None  # methods taking references may draw among them: per-file keys
     assert "refprobe: 2 reference images, fewer than --num-references 8" in capsys.readouterr().err
     assert sorted(p.name for p in out.glob("*.png")) == ["p0.png", "p0_first.png", "p0_grey.png"]
+    assert sorted(p.name for p in out.glob("*.npy")) == ["p0.npy"]  # pictured extras are not saved as arrays
+    plain = tmp_path / "plain"  # without the flag: the map alone
+    assert _cli(cli_setup, plain, "--method", "refprobe", "--references", str(cli_setup[1])) == 0
+    assert sorted(p.name for p in plain.iterdir() if p.suffix in (".png", ".npy")) == ["p0.npy", "p0.png"]
+    assert _cli(cli_setup, tmp_path / "k", "--method", "refprobe", "--references", str(cli_setup[1]), "--save-firsts", "--top-k", "2") == 2
+    assert "--save-firsts writes one class per image: drop --top-k" in capsys.readouterr().err
     settings = json.loads((out / "summary.json").read_text())["settings"]
     assert [Path(p).name for p in settings["references"]] == ["p0.png", "p1.png"] and "seed" in settings
 

@@ -318,6 +318,9 @@ def run(args: argparse.Namespace) -> int:
     target = parse_target(args.target)
     if args.top_k and target is not None:
         raise CliError("--top-k and --target exclude each other")
+    for extra in method.spec.extra_outputs:
+        if args.top_k and getattr(args, EXTRA_DEST + extra.flag, False):
+            raise CliError(f"--{extra.flag} writes one class per image: drop --top-k", status=2)
     if args.loaders < 0:
         raise CliError(f"argument --loaders: must be 0 or more, got {args.loaders}", status=2)
     if not args.inputs and args.list is None:
@@ -446,19 +449,14 @@ def _explain_files(
     progress = make_progress(len(todo), sys.stderr)
     spec = method.spec
     pictured = [extra for extra in spec.extra_outputs if getattr(args, EXTRA_DEST + extra.flag, False)]
-    arrays = {} if references is None else {"references": references}
+    pictured_extras = {name for extra in spec.extra_outputs for name in extra.uses}  # never saved as .npy
 
     def compute(batch: Batch[Path]) -> list[tuple]:
         keys = None
         if uses_keys(method):  # padded rows repeat the last real row's key
             keys = file_keys(args.seed, [names[p] for p in batch.items])
             keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], batch_size - len(batch.items))])
-        results = explain_batch(model, method, batch, keys, target, references, args.top_k)
-        pictures = [{} for _ in results]
-        for extra in pictured:  # one dict of pictures per row, merged over the requested extras
-            computed = extra.pictures(model, jnp.asarray(batch.inputs), target, config=method.config, key=keys, **arrays)
-            pictures = [{**mine, **theirs} for mine, theirs in zip(pictures, computed)]
-        return [(*result, extra) for result, extra in zip(results, pictures)]
+        return explain_batch(model, method, batch, keys, target, references, args.top_k)
 
     def write_files(png: Path, npy: Path, image: np.ndarray, attribution: np.ndarray, saliency_map: np.ndarray) -> None:
         # Each file is atomic; an image only counts as done once both exist.
@@ -468,7 +466,7 @@ def _explain_files(
         viz.save_png(png, picture)
 
     def save(path: Path, image: np.ndarray, result: tuple) -> dict:
-        attribution, saliency_map, classes, probabilities, extras, pictures = result
+        attribution, saliency_map, classes, probabilities, extras = result
         name = names[path]
         classes = np.atleast_1d(classes)  # (K,) with --top-k, else one class
         cls = int(classes[0])
@@ -481,10 +479,12 @@ def _explain_files(
                 for c, a, m in zip(classes, attribution, saliency_map, strict=True):
                     write(functools.partial(write_files, *class_outputs(args.out, name, int(c)), image, a, m))
             else:
-                # The method's extra outputs (MethodSpec.extras, pictures asked for) first.
+                # The method's extra outputs first: arrays as .npy, pictures when asked for.
                 for extra, value in extras.items():
-                    path_ = extra_output(args.out, name, extra)
-                    write(functools.partial(viz.write_atomically, path_, lambda f, v=value: np.save(f, v)))
+                    if extra not in pictured_extras:
+                        path_ = extra_output(args.out, name, extra)
+                        write(functools.partial(viz.write_atomically, path_, lambda f, v=value: np.save(f, v)))
+                pictures = {suffix: p for extra in pictured for suffix, p in extra.pictures(extras).items()}
                 for suffix, extra_picture in pictures.items():
                     write(functools.partial(viz.save_png, args.out / f"{name}_{suffix}.png", _rgb(np.asarray(extra_picture))))
                 write(functools.partial(write_files, *outputs(args.out, name), image, attribution, saliency_map))

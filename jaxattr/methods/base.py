@@ -53,14 +53,15 @@ class Attribution(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class ExtraOutput:
-    """Pictures a method can write next to its maps, for outputs that are images in their own right
-    (IG2's counterfactuals): `jaxattr explain --<flag>` writes each input's as
-    `<output>_<suffix>.png`. `pictures(model, images, targets, *, config, key, **arrays)` (the
-    method's own arguments) returns, per input, {suffix: (h, w, 3) or (h, w) array in [0, 1]}."""
+    """Extras (`MethodSpec.extras`) that are pictures in their own right (IG2's counterfactuals):
+    `jaxattr explain --<flag>` writes them as `<output>_<suffix>.png`, and never as `.npy`.
+    `pictures(extras)` maps one image's extras (arrays without the batch axis) to
+    {suffix: (h, w, 3) or (h, w) array in [0, 1]}; `uses` names the extras it reads."""
 
     flag: str  # the explain option that asks for them, e.g. "save-path"
     help: str
-    pictures: Callable[..., list[dict[str, Any]]]
+    uses: tuple[str, ...]
+    pictures: Callable[[dict[str, Any]], dict[str, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +86,9 @@ class MethodSpec:
     # Outputs besides the attributions: a call with `function`'s arguments returning
     # (attributions, {name: array, batch first}) from the same run, e.g. I-GOS's low-resolution
     # masks; `explain` returns them in Explanation.extras, `jaxattr explain` saves each one as
-    # <image>.<name>.npy beside the map. None: the method has none.
+    # <image>.<name>.npy beside the map, except those `extra_outputs` turn into pictures. None: none.
     extras: Callable[..., tuple[Array, dict[str, Array]]] | None = None
-    extra_outputs: tuple[ExtraOutput, ...] = ()  # pictures `jaxattr explain` can write besides the maps
+    extra_outputs: tuple[ExtraOutput, ...] = ()  # extras `jaxattr explain` writes as pictures when asked
 
     def build(self, config: Config | None = None, **overrides: Any) -> "Method":
         """This method bound to `config` (default: the reference's defaults) with `overrides`."""

@@ -42,7 +42,6 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jaxattr import maps, paths
@@ -471,15 +470,18 @@ def ig2(
     return ig2_result(model, images, targets, references=references, config=config, key=key).attributions
 
 
-def gradcf_pictures(model, images, targets=None, *, config: IG2Config, key=None, references=None) -> list[dict]:
-    """Per explicand, {'gradcf<j>': its counterfactual towards reference j (index among the
-    references given)} for the references it used: `jaxattr explain --save-path`."""
-    path = gradpath(model, images, targets, references=references, config=config, key=key)
-    counterfactuals, weights, indices = (np.asarray(a) for a in (path.counterfactuals, path.weights, path.indices))
-    return [
-        {f"gradcf{j}": cf for cf, w, j in zip(counterfactuals[i], weights[i], indices[i]) if w > 0}
-        for i in range(len(counterfactuals))
-    ]
+def _with_counterfactuals(model, images, targets=None, *, config: IG2Config = IG2Config(), key=None, references=None):
+    """The registry's `extras` call: (attributions, {'gradcf': each path's end, 'gradcf_reference':
+    the index of its reference among those given, -1 for an empty slot}) from one run."""
+    result = ig2_result(model, images, targets, references=references, config=config, key=key)
+    path = result.path
+    used = jnp.where(path.weights > 0, path.indices, -1)
+    return result.attributions, {"gradcf": path.counterfactuals, "gradcf_reference": used}
+
+
+def _gradcf_pictures(extras: dict[str, Any]) -> dict[str, Any]:
+    """One explicand's counterfactuals as 'gradcf<j>' pictures, j the reference's index among those given."""
+    return {f"gradcf{j}": cf for cf, j in zip(extras["gradcf"], extras["gradcf_reference"]) if j >= 0}
 
 
 register(
@@ -492,13 +494,14 @@ register(
         contrast=Contrast("min", 99.0),
         needs_model=True,
         takes_references=True,
+        extras=_with_counterfactuals,
         extra_outputs=(
             ExtraOutput(
                 "save-path",
                 "also write each image's counterfactual (GradCF: the GradPath's end) towards each reference "
-                "it used, as <name>_gradcf<j>.png, j the reference's index among --references (runs the "
-                "GradPath search once more)",
-                gradcf_pictures,
+                "it used, as <name>_gradcf<j>.png, j the reference's index among --references",
+                ("gradcf", "gradcf_reference"),
+                _gradcf_pictures,
             ),
         ),
     )
