@@ -213,6 +213,36 @@ def test_method_explains_first_with_options(data, tmp_path, capsys):
         assert message in _errors(capsys)
 
 
+def test_references_reach_the_methods_that_take_them(data, tmp_path, capsys, monkeypatch):
+    from jaxattr import maps
+    from jaxattr.config import Config, config, static
+    from jaxattr.methods import base
+
+    @config
+    class ProbeConfig(Config):
+        num_references: int | None = static(8)
+
+    seen = []
+
+    def probe(model, images, targets=None, *, config=None, key=None, references=None):
+        seen.append(references)
+        return images - jnp.mean(references, axis=0)
+
+    spec = base.MethodSpec("refprobe", probe, ProbeConfig, "test", saliency=maps.abs_sum, contrast=maps.Contrast(),
+                           takes_references=True)
+    monkeypatch.setitem(base._METHODS, "refprobe", spec)
+    common = ["--model", "resnet18", "--weights", data / "resnet18.safetensors", "--metrics", "confidence", *FAST]
+    out = tmp_path / "ev"
+    argv = ["evaluate", data / "images", "--method", "refprobe,saliency", "--references", data / "images", "--out", out]
+    assert _main(*argv, *common) == 0
+    assert seen and all(r.shape[0] == len(list((data / "images").iterdir())) for r in seen)
+    assert "references" in json.loads((out / "explain" / "refprobe" / "summary.json").read_text())["settings"]
+    assert "references" not in json.loads((out / "explain" / "saliency" / "summary.json").read_text())["settings"]
+    assert _main("evaluate", data / "images", "--method", "saliency", "--references", data / "images",
+                 "--out", tmp_path / "no", *common) == 2
+    assert "--references: none of --method saliency takes reference images" in _errors(capsys)
+
+
 # ------------------------------------------------------------------------------- bad input
 
 

@@ -178,6 +178,8 @@ def add_parser(commands) -> None:
     ex.add_argument("--target", metavar="CLASS", help="explain and score this class instead of each prediction")
     ex.add_argument("--seed", type=seed, metavar="N", help="random seed of stochastic methods (default 0)")
     ex.add_argument("--recursive", action="store_true", help="also take images in subdirectories")
+    ex.add_argument("--references", nargs="+", metavar="IMAGES_OR_DIRS",
+                    help="reference images for the methods that take them (ig2), as `jaxattr explain --references`")
     ev.set_defaults(run=run, parser=ev)
 
 
@@ -249,6 +251,8 @@ def explain_first(args: argparse.Namespace) -> list[Path]:
         argv += ["--weights", args.weights] if args.weights else []
         argv += ["--target", args.target] if args.target is not None else []
         argv += ["--recursive"] * args.recursive + ["--overwrite"] * args.overwrite
+        if args.references and method_spec(method).takes_references:
+            argv += ["--references", *args.references]
         print(f"explaining with {method} into {directory}", file=sys.stderr)
         explain_args = parse_args([*argv, "--", *args.inputs])
         with contextlib.redirect_stdout(io.StringIO()):  # explain's table; evaluate prints its own
@@ -458,9 +462,11 @@ def _usage(args: argparse.Namespace) -> tuple[str, ...]:
     """The metric groups; usage errors (exit 2) for options that do not go together."""
     if not args.method:
         given = [f for f, v in (("--option", args.option), ("--target", args.target), ("--seed", args.seed),
-                                ("--recursive", args.recursive)) if v]
+                                ("--recursive", args.recursive), ("--references", args.references)) if v]
         if given:
             args.parser.error(f"{', '.join(given)} configure explanations: only with --method")
+    elif args.references and not any(method_spec(m).takes_references for m in args.method):
+        args.parser.error(f"--references: none of --method {','.join(args.method)} takes reference images")
     if args.threshold is not None and args.masks is None:
         args.parser.error("--threshold applies to --masks")
     groups = args.metrics or DEFAULT_METRICS
