@@ -344,7 +344,7 @@ def test_bad_masks(data, explained, tmp_path, capsys):
     assert "no mask in" in _errors(capsys)
 
 
-def test_igos_masks_beside_the_maps_are_scored(data, explained, tmp_path):
+def test_igos_masks_beside_the_maps_are_scored(data, explained, tmp_path, capsys):
     """<name>.mask.npy beside a map (what I-GOS's explain writes) is scored by the I-GOS
     metric instead of the map's cells."""
     source = _copy(explained["saliency"], tmp_path / "igos_like")
@@ -359,3 +359,15 @@ def test_igos_masks_beside_the_maps_are_scored(data, explained, tmp_path):
     targets = [r["class_index"] for r in sorted(json.loads((source / "summary.json").read_text())["images"], key=lambda r: r["output"])]
     expected = metrics.igos_deletion(model, images, masks, evaluation.igos_baselines(images), jnp.asarray(targets), chunk=8)
     np.testing.assert_allclose(_per_image(out)["saliency"]["igos_deletion"], np.asarray(expected.score), rtol=1e-5)
+
+    # Masks optimised against another baseline (explain's --blur-kernel) are scored over that one.
+    other = _copy(source, tmp_path / "igos_kernel5")
+    summary = json.loads((other / "summary.json").read_text())
+    summary["settings"]["config"]["blur_kernel"] = 5
+    (other / "summary.json").write_text(json.dumps(summary))
+    assert _main("evaluate", other, "--out", tmp_path / "ev5", "--metrics", "igos", *FAST) == 0
+    expected = metrics.igos_deletion(model, images, masks, evaluation.igos_baselines(images, 5), jnp.asarray(targets), chunk=8)
+    np.testing.assert_allclose(_per_image(tmp_path / "ev5")["saliency"]["igos_deletion"], np.asarray(expected.score), rtol=1e-5)
+    _errors(capsys)
+    assert _main("evaluate", source, other, "--out", tmp_path / "both", "--metrics", "igos", *FAST) == 1
+    assert "optimised against different baselines (--blur-kernel 5, default)" in _errors(capsys)

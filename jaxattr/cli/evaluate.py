@@ -340,11 +340,24 @@ def check_sources(sources: list[Source], args: argparse.Namespace) -> list[tuple
             more = f", and {len(differ) - 3} more" if len(differ) > 3 else ""
             raise CliError(f"{source.directory} and {first.directory} explain different images ({'; '.join(differ[:3])}{more}); "
                            "evaluate compares methods on the same images")
+    igos_kernel(sources)  # refuses I-GOS directories optimised against different baselines
     images = [(name, Path(first.records[name]["file"])) for name in sorted(first.records)]
     if not any(file.is_file() for _, file in images):
         raise CliError(f"none of the images {first.directory} explains is here (e.g. {images[0][1]}); "
                        "run evaluate from the directory explain ran in")
     return images
+
+
+def igos_kernel(sources: list[Source]) -> int | None:
+    """The blur kernel of the I-GOS metric's baseline: the one the I-GOS sources' masks were
+    optimised against (explain's --blur-kernel; None: I-GOS's default for the image size), so each
+    mask is scored over its own baseline and every other method over the same one."""
+    kernels = {s.settings.get("config", {}).get("blur_kernel") for s in sources if s.mask_shape is not None}
+    if len(kernels) > 1:
+        shown = ", ".join("default" if k is None else str(k) for k in sorted(kernels, key=str))
+        raise CliError(f"the I-GOS directories were optimised against different baselines (--blur-kernel {shown}): "
+                       "evaluate them separately")
+    return kernels.pop() if kernels else None
 
 
 # ------------------------------------------------------------------------------ ground-truth masks
@@ -499,6 +512,7 @@ def run(args: argparse.Namespace) -> int:
         "step": args.step,
         "fill": args.fill,
         "mask_size": args.mask_size,
+        "igos_blur_kernel": igos_kernel(sources),  # None: I-GOS's default for the image size
         "masks": str(args.masks.resolve()) if args.masks is not None else None,
         "threshold": args.threshold,
         "preprocessing": transform.to_dict(),
@@ -556,6 +570,7 @@ def _evaluate_images(todo, sources: list[Source], groups, transform: Preprocessi
     problems: dict[str, list[str]] = {}  # per image: what could not be scored
     notes: dict[str, list[str]] = {}  # per image: what was adapted
     fill = None if args.fill is None else np.asarray(args.fill, np.float32)
+    kernel = igos_kernel(sources)
 
     def load(item: tuple[str, Path]) -> dict[str, Any]:
         name, file = item
@@ -586,7 +601,7 @@ def _evaluate_images(todo, sources: list[Source], groups, transform: Preprocessi
         targets = np.asarray(batch.inputs["targets"])
         if (targets < 0).any():  # explain recorded no class: score the prediction
             targets = np.where(targets < 0, np.asarray(jnp.argmax(model(images), axis=-1))[:, None], targets)
-        baselines = igos_baselines(images) if "igos" in groups else None
+        baselines = igos_baselines(images, kernel) if "igos" in groups else None
         per_source = []
         for i in range(len(sources)):
             results = evaluate_maps(
