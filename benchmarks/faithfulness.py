@@ -23,6 +23,8 @@ import time
 import jaxattr
 from jaxattr.cli import main as jaxattr_main
 
+from _harness import load
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 IMAGES = [ROOT / "examples" / "images", ROOT / "examples" / "faithfulness"]
 METRICS = {  # metrics.json key -> column title
@@ -73,7 +75,7 @@ def main() -> int:
             ["evaluate", *map(str, IMAGES), "--method", method, "--metrics", ",".join(("rise", "igos")),
              "--step", args.step, "--batch-size", str(args.batch_size), "--out", str(out), *references, *options]
         )
-        print(f"{method}: exit {status} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        print(f"{method}: exit {status} in {time.perf_counter() - start:.0f} s (load average {load()})", file=sys.stderr)
         if status != 0:
             rows[label] = f"failed (exit {status}, see {out})"
             continue

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import jax
 import numpy as np
@@ -31,17 +30,7 @@ from converters.references.pair import pair_call_model
 from converters.torch_models import to_numpy_nhwc, to_torch_images, torch_twin
 from jaxattr.methods.integrated_gradients import IntegratedGradientsConfig, integrated_gradients
 
-
-def _timed_rounds(runs: dict, repeats: int) -> tuple[dict, dict]:
-    """({name: result}, {name: best seconds}): `repeats` rounds, each running every implementation
-    once, so a load change on a shared machine hits all of them alike."""
-    results, best = {}, {name: float("inf") for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            results[name] = run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return results, best
+from _harness import load, timed_compile, timed_rounds
 
 
 def sgemm_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -53,12 +42,8 @@ def sgemm_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     matmul = jax.jit(lambda x, y: jax.lax.dot(x, y, precision=jax.lax.Precision.HIGHEST))
     matmul(a_j, b_j).block_until_ready()
     runs = {"numpy": lambda: a @ b, "jax": lambda: matmul(a_j, b_j).block_until_ready()}
-    _, best = _timed_rounds(runs, repeats)
+    best = timed_rounds(runs, repeats).seconds
     return {name: 2 * n**3 / seconds / 1e9 for name, seconds in best.items()}
-
-
-def _load() -> str:
-    return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def _flops(model, images, targets, config) -> float:
@@ -80,9 +65,7 @@ def bench_model(name: str, args) -> dict:
         targets = torch_model(to_torch_images(images)).argmax(-1).numpy()
     config = IntegratedGradientsConfig(steps=args.steps, rule=args.rule, chunk=args.chunk)
     ig = jax.jit(lambda m, x, t: integrated_gradients(m, x, t, config=config))
-    start = time.perf_counter()
-    compiled = ig.lower(model, images, targets).compile()
-    compile_seconds = time.perf_counter() - start
+    compiled, compile_seconds = timed_compile(ig, model, images, targets)
 
     def captum_run():
         attributions = IntegratedGradients(torch_model).attribute(
@@ -104,7 +87,7 @@ def bench_model(name: str, args) -> dict:
     runs = {"jaxattr": lambda: np.asarray(compiled(model, images, targets)), "captum": captum_run}
     if not args.no_pair:
         runs["pair"] = pair_run
-    results, seconds = _timed_rounds(runs, args.repeats)
+    results, seconds, _ = timed_rounds(runs, args.repeats)
     row = {name: s / args.batch for name, s in seconds.items()}
     row.update(
         model=name,
@@ -136,7 +119,7 @@ def main(argv=None) -> None:
     print(
         f"IG, {args.dtype}, {args.rule} {args.steps} steps, batch {args.batch}, {args.size} px, chunk {args.chunk}; "
         f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads); {os.cpu_count()} CPUs, load average {_load()}"
+        f"({torch.get_num_threads()} threads); {os.cpu_count()} CPUs, load average {load()}"
     )
     peaks = sgemm_peak()
     peak = max(peaks.values())
@@ -156,7 +139,7 @@ def main(argv=None) -> None:
         pair = f"{r['pair']:.3f} | {r['pair'] / r['jaxattr']:.2f}" if "pair" in r else "- | -"
         print(
             f"| {r['model']} | {r['jaxattr']:.3f} | {r['captum']:.3f} | {r['captum'] / r['jaxattr']:.2f} | {pair} | "
-            f"{r['gflops']:.1f} | {r['gflops'] / peak:.0%} | {r['compile']:.1f} | {r['max_rel_diff']:.1e} | {_load()} |",
+            f"{r['gflops']:.1f} | {r['gflops'] / peak:.0%} | {r['compile']:.1f} | {r['max_rel_diff']:.1e} | {load()} |",
             flush=True,
         )
 

@@ -13,14 +13,12 @@ compiled program (`--chunk` steps per gradient batch).
 
 Reports wall and CPU seconds per explicand for each (the best of --repeats rounds, each round running both once,
 so a load change on a shared machine hits both alike; jaxattr's compile time separately), the
-ratio, and the maps' agreement. `uptime` is printed before and after: the machine may be shared.
+ratio, and the maps' agreement. The load average is printed before and after: the machine may be shared.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
-import time
 
 import jax
 import numpy as np
@@ -31,12 +29,7 @@ from converters.references.ig2 import run_reference
 from converters.torch_models import to_torch_images, torch_twin
 from jaxattr.methods.ig2 import IG2Config, ig2
 
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uptime unavailable"
+from _harness import load, timed_compile, timed_rounds
 
 
 def main(argv=None) -> None:
@@ -69,12 +62,10 @@ def main(argv=None) -> None:
         f"{steps} steps, float32; JAX {jax.__version__} on {jax.devices()[0].device_kind} (chunk {args.chunk}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
     )
-    print(f"before: {uptime()}", flush=True)
+    print(f"load average before {load()}", flush=True)
 
     compiled_ig2 = jax.jit(lambda m, x, t, r: ig2(m, x, t, references=r, config=config))
-    start = time.perf_counter()
-    compiled = compiled_ig2.lower(model, images, targets, references).compile()
-    compile_seconds = time.perf_counter() - start
+    compiled, compile_seconds = timed_compile(compiled_ig2, model, images, targets, references)
 
     # PyTorch's first calls set up its kernels: one untimed step of the reference first.
     run_reference(torch_model, images[:1], references[:1], targets[:1], config.replace(steps=1))
@@ -82,18 +73,8 @@ def main(argv=None) -> None:
         "jaxattr": lambda: np.asarray(compiled(model, images, targets, references)),
         "reference": lambda: run_reference(torch_model, images, references, targets, config)[0],
     }
-    # Wall and CPU seconds (all threads) of the best round: on a shared machine CPU seconds say
-    # what each side costs, wall seconds what a user waits.
-    results, best, cpu = {}, {name: float("inf") for name in runs}, {}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            results[name] = run()
-            seconds = time.perf_counter() - start
-            if seconds < best[name]:
-                best[name], cpu[name] = seconds, time.process_time() - start_cpu
-            print(f"  {name}: {best[name] / args.batch:.2f} s ({cpu[name] / args.batch:.2f} CPU s) per explicand", flush=True)
-    print(f"after: {uptime()}")
+    results, best, cpu = timed_rounds(runs, args.repeats, progress=True)
+    print(f"load average after {load()}")
     jax_s, ref_s = best["jaxattr"] / args.batch, best["reference"] / args.batch
     jax_cpu, ref_cpu = cpu["jaxattr"] / args.batch, cpu["reference"] / args.batch
     print(

@@ -22,9 +22,6 @@ of every image until the slowest one is done (`jaxattr evals/img` counts what th
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,16 +32,11 @@ from converters.references import igos as reference
 from converters.torch_models import torch_twin
 from jaxattr.methods.igos import RULES, IGOSConfig, IGOSPlusConfig, igos_masks
 
+from _harness import load, timed_compile, timed_rounds
+
 SMALL = dict(size=64, iterations=3, steps=5, mask_size=8, models="resnet50", batches="8")
 FULL = dict(size=224, iterations=20, steps=15, mask_size=28, models="resnet50,vgg19", batches="1,8")
 CHUNK_BUDGET = 32 * 224 * 224  # path-image pixels per model batch when --chunk is auto (memory)
-
-
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return f"load average {os.getloadavg()}"
 
 
 def _auto_chunk(batch: int, terms: int, size: int, steps: int) -> int | None:
@@ -77,13 +69,12 @@ def bench(model_name: str, method: str, batch: int, args) -> dict:
     config = _config(method, args, batch)
 
     run = jax.jit(lambda m, x, t, k: igos_masks(m, x, t, variant=method, config=config, key=k))
-    start = time.perf_counter()
-    compiled = run.lower(model, images, targets, jax.random.key(0)).compile()
-    compile_seconds = time.perf_counter() - start
+    compiled, compile_seconds = timed_compile(run, model, images, targets, jax.random.key(0))
 
     settings = reference.Settings.from_config(config)
     normalised = torch.from_numpy(np.asarray(model.normalise(images)).transpose(0, 3, 1, 2).copy())
     baselines = None
+    reference_images = min(args.torch_images, batch)
     draws = [0]
 
     def counting_noise(iteration, draw, shape, dtype):
@@ -102,21 +93,15 @@ def bench(model_name: str, method: str, batch: int, args) -> dict:
     def reference_run():
         draws[0] = 0
         with torch.enable_grad():
-            for i in range(min(args.torch_images, batch)):
+            for i in range(reference_images):
                 row = slice(i, i + 1)
                 labels = torch.from_numpy(targets[row].astype(np.int64))
                 reference.REFERENCES[method](torch_model.model, normalised[row], baselines[row], labels, settings, counting_noise)
         return draws[0]
 
-    best = {"jaxattr": float("inf"), "reference": float("inf")}
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        result = jaxattr_run()
-        best["jaxattr"] = min(best["jaxattr"], (time.perf_counter() - start) / batch)
-        start = time.perf_counter()
-        reference_draws = reference_run()
-        best["reference"] = min(best["reference"], (time.perf_counter() - start) / min(args.torch_images, batch))
-    trials = np.asarray(result.trace.trials)
+    # jaxattr first in each round: its first run gives the reference its baselines.
+    results, seconds, _ = timed_rounds({"jaxattr": jaxattr_run, "reference": reference_run}, args.repeats)
+    trials = np.asarray(results["jaxattr"].trace.trials)
     return dict(
         model=model_name,
         method=method,
@@ -125,8 +110,9 @@ def bench(model_name: str, method: str, batch: int, args) -> dict:
         compile=compile_seconds,
         jaxattr_evaluations=_jaxattr_evaluations(method, trials, batch_max=False),
         batch_evaluations=_jaxattr_evaluations(method, trials, batch_max=True),
-        reference_evaluations=reference_draws / min(args.torch_images, batch),
-        **best,
+        reference_evaluations=results["reference"] / reference_images,
+        jaxattr=seconds["jaxattr"] / batch,
+        reference=seconds["reference"] / reference_images,
     )
 
 
@@ -153,11 +139,11 @@ def main(argv=None) -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    print(_uptime())
     print(
         f"I-GOS family, {args.size} px, T = {args.iterations}, N = {args.steps}, {args.mask_size}x{args.mask_size} masks, "
         f"line search; JAX {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads); reference on {args.torch_images} image(s) per round, best of {args.repeats}"
+        f"({torch.get_num_threads()} threads); reference on {args.torch_images} image(s) per round, best of {args.repeats}; "
+        f"load average before {load()}"
     )
     header = (
         "| model | method | batch | jaxattr s/img | reference s/img | reference/jaxattr | jaxattr evals/img "
@@ -175,7 +161,7 @@ def main(argv=None) -> None:
                     f"{r['reference_evaluations']:.0f} | {r['chunk']} | {r['compile']:.1f} |",
                     flush=True,
                 )
-    print(_uptime())
+    print(f"load average after {load()}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 (converters/references/iia.py, one image at a time as the authors' scripts), same machine, same
 random weights, images and targets.
 
-    python -m benchmarks.iia                  # ResNet-101 and ViT-B/16 (timm), 224 px, batch 2
-    python -m benchmarks.iia --batch 4        # the issue's batch (twice the time)
-    python -m benchmarks.iia --quick          # batch 1, ViT path 3 x 3 points instead of 6 x 6
-    python -m benchmarks.iia --threads 1      # one CPU thread on each side
+    python benchmarks/iia.py                  # ResNet-101 and ViT-B/16 (timm), 224 px, batch 2
+    python benchmarks/iia.py --batch 4        # the issue's batch (twice the time)
+    python benchmarks/iia.py --quick          # batch 1, ViT path 3 x 3 points instead of 6 x 6
+    python benchmarks/iia.py --threads 1      # one CPU thread on each side
 
 Reference configuration: CNN layer4, 11 image points (mode 'reference': the features of the 11
 points, then 11 head passes of the degenerate activation path); ViT 6 image points x 6 attention
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import jax
 import numpy as np
@@ -33,22 +32,9 @@ from converters.references.iia import reference_maps
 from converters.torch_models import to_torch_images, torch_twin
 from jaxattr.methods.iia import IIAConfig, iia
 
+from _harness import load, timed_compile, timed_rounds
+
 MODELS = "resnet101,vit_base_patch16_224"
-
-
-def _load() -> str:
-    return "/".join(f"{v:.1f}" for v in os.getloadavg())
-
-
-def _timed_rounds(runs: dict, repeats: int) -> tuple[dict, dict]:
-    """({name: result}, {name: best seconds}) over `repeats` rounds of every run once."""
-    results, best = {}, {name: float("inf") for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            results[name] = run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return results, best
 
 
 def bench_model(name: str, args) -> dict:
@@ -60,14 +46,12 @@ def bench_model(name: str, args) -> dict:
     config = IIAConfig(steps=2, activation_steps=2) if (vit and args.quick) else IIAConfig()
     config = config.replace(chunk=args.chunk) if args.chunk else config
     fn = jax.jit(lambda m, x, t: iia(m, x, t, config=config))
-    start = time.perf_counter()
-    compiled = fn.lower(model, images, targets).compile()
-    compile_seconds = time.perf_counter() - start
+    compiled, compile_seconds = timed_compile(fn, model, images, targets)
     runs = {
         "jaxattr": lambda: np.asarray(compiled(model, images, targets)),
         "torch": lambda: reference_maps(model, torch_model, images, targets, config),
     }
-    results, seconds = _timed_rounds(runs, args.repeats)
+    results, seconds, _ = timed_rounds(runs, args.repeats)
     return {
         "model": name,
         "config": f"{(config.steps or 5) + 1}x{(config.activation_steps or 5) + 1}" if vit else "11 (+11 head)",
@@ -103,7 +87,7 @@ def main(argv=None) -> None:
     print(
         f"IIA, batch {args.batch}, 224 px{', quick' if args.quick else ''}; JAX {jax.__version__} on "
         f"{jax.devices()[0].device_kind}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"{os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average before {_load()}"
+        f"{os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average before {load()}"
     )
     header = "| model | path points | jaxattr s/img | torch s/img | torch/jaxattr | compile s | max_rel_diff |"
     print(header)
@@ -115,7 +99,7 @@ def main(argv=None) -> None:
             f"{r['compile']:.1f} | {r['max_rel_diff']:.1e} |",
             flush=True,
         )
-    print(f"load average after {_load()}")
+    print(f"load average after {load()}")
 
 
 if __name__ == "__main__":

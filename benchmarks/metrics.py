@@ -12,7 +12,7 @@ pixels substituted in place between passes. jaxattr scores the whole batch: all 
 images built and scored on the device, --chunk points per pass (chunk x batch images). Both run in
 float32 without TF32. Each round runs both implementations once (interleaved, so load from other
 processes hits both alike); the best round is kept. Prints images/s for each and the ratio, the
-curves' agreement, and `uptime` before and after.
+curves' agreement, and the load average before and after.
 """
 
 from __future__ import annotations
@@ -30,10 +30,7 @@ from converters.torch_models import to_torch_images, torch_twin
 from jaxattr import metrics
 from jaxattr.metrics.deletion_insertion import rise_step
 
-
-def _uptime() -> str:
-    with open("/proc/loadavg") as f:
-        return "load average " + ", ".join(f.read().split()[:3])
+from _harness import load, timed_rounds
 
 
 def _rise_blur(x: torch.Tensor) -> torch.Tensor:
@@ -105,22 +102,12 @@ def main(argv=None) -> None:
         f"({points} points per game), chunk {chunk}; JAX {jax.__version__} on {jax.devices()[0].device_kind}, "
         f"torch {torch.__version__} on {device} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs"
     )
-    print("before:", _uptime(), flush=True)
+    print(f"load average before {load()}", flush=True)
     start = time.perf_counter()
     ours()  # compile
     print(f"jaxattr compile + first run: {time.perf_counter() - start:.1f} s", flush=True)
-    best = {"jaxattr": float("inf"), "reference": float("inf")}
-    cpu = dict(best)  # process CPU seconds (all threads) of the best round: the work, whatever the load
-    results = {}
-    for r in range(args.repeats):
-        for name, run in (("jaxattr", ours), ("reference", reference)):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            results[name] = run()
-            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-            if seconds < best[name]:
-                best[name], cpu[name] = seconds, cpu_seconds
-            print(f"  round {r + 1}: {name} {seconds:.2f} s ({cpu_seconds:.2f} CPU s)", flush=True)
-    print("after:", _uptime())
+    results, best, cpu = timed_rounds({"jaxattr": ours, "reference": reference}, args.repeats, progress=True)
+    print(f"load average after {load()}")
     diff = max(float(np.abs(a - b).max()) for a, b in zip(results["jaxattr"], results["reference"]))
     rate = {name: args.batch / s for name, s in best.items()}
     print("| implementation | images/s (deletion + insertion) | s per image | CPU s per image |")

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,20 +30,7 @@ import torch
 from converters.torch_models import PixelInput, to_torch_images, torch_twin
 from jaxattr.models import Model
 
-
-def _best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best wall time of each function over `repeats` rounds, after one untimed warm-up round.
-
-    The functions take turns within a round, so a change in the machine's load hits all of them."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[key] = min(best[key], time.perf_counter() - start)
-    return best
+from _harness import load, timed_compile, timed_rounds
 
 
 def _target_logits(logits, targets):
@@ -73,22 +58,15 @@ def _torch_input_gradient(torch_model: PixelInput, images: torch.Tensor, targets
     return x.grad
 
 
-def _compiled(fn, *args):
-    """(the compiled executable of jitted `fn` for `args`, seconds spent compiling)."""
-    start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    return compiled, time.perf_counter() - start
-
-
 def bench_model(name: str, batch: int, size: int, repeats: int) -> dict[str, float]:
     torch_model, model = torch_twin(name)
     images = np.random.RandomState(0).rand(batch, size, size, 3).astype(np.float32)
     targets = np.arange(batch) % 1000
     images_t, targets_t = to_torch_images(images), torch.from_numpy(targets)
     images_j, targets_j = jnp.asarray(images), jnp.asarray(targets)
-    forward, forward_compile = _compiled(_jax_forward, model, images_j)
-    gradient, gradient_compile = _compiled(_jax_input_gradient, model, images_j, targets_j)
-    times = _best_times(
+    forward, forward_compile = timed_compile(_jax_forward, model, images_j)
+    gradient, gradient_compile = timed_compile(_jax_input_gradient, model, images_j, targets_j)
+    times = timed_rounds(
         {
             "torch_forward": lambda: _torch_forward(torch_model, images_t),
             "jax_forward": lambda: forward(model, images_j).block_until_ready(),
@@ -96,12 +74,9 @@ def bench_model(name: str, batch: int, size: int, repeats: int) -> dict[str, flo
             "jax_backward": lambda: gradient(model, images_j, targets_j).block_until_ready(),
         },
         repeats,
-    )
+        warmup=1,
+    ).seconds
     return {**times, "compile": forward_compile + gradient_compile}
-
-
-def _load() -> str:
-    return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def _cells(torch_seconds: float, jax_seconds: float) -> str:
@@ -130,7 +105,7 @@ def main(argv=None) -> None:
         f"batch {args.batch}, {args.size}x{args.size} px, best of {args.repeats}; "
         f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, "
         f"torch {torch.__version__} on CPU ({torch.get_num_threads()} threads); {os.cpu_count()} CPUs, "
-        f"load average {_load()}"
+        f"load average {load()}"
     )
     header = (
         "| model | torch fwd ms | JAX fwd ms | fwd ratio | torch fwd+bwd ms | JAX fwd+bwd ms | fwd+bwd ratio "
@@ -142,7 +117,7 @@ def main(argv=None) -> None:
         r = bench_model(name.strip(), args.batch, args.size, args.repeats)
         forward = _cells(r["torch_forward"], r["jax_forward"])
         backward = _cells(r["torch_backward"], r["jax_backward"])
-        print(f"| {name.strip()} | {forward} | {backward} | {r['compile']:.1f} | {_load()} |", flush=True)
+        print(f"| {name.strip()} | {forward} | {backward} | {r['compile']:.1f} | {load()} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """How much of `jaxattr explain`'s wall time is device compute: the CLI over copies of the sample
 images (decode, compute, write; pipelined and sequential) against the pure compute of the same
 compiled program on an already-loaded batch. Same process, so neither side compiles in the timed
-part (the program is compiled once up front). One run, ratios printed.
+part (the program is compiled once up front). One run, ratios printed, with the load average before
+and after (the machine may be shared).
 
     python benchmarks/pipeline.py                         # the issue's setting: 64 copies, IG 32 steps
     python benchmarks/pipeline.py --copies 2 --steps 8    # quick
@@ -23,6 +24,8 @@ import jax.numpy as jnp
 from jaxattr import cli, explain
 from jaxattr.image import expand_paths, load_batch
 from jaxattr.models import create_model, model_info
+
+from _harness import load
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "efficientnet_lite0"
@@ -73,7 +76,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed repetitions of the pure compute")
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {MODEL}, integrated_gradients {args.steps} steps, "
-          f"batch {args.batch_size}")
+          f"batch {args.batch_size}; load average before {load()}")
     device = device_seconds_per_image(args.batch_size, args.steps, args.repeats)
     work = Path(tempfile.mkdtemp(prefix="jaxattr-pipeline-"))
     try:
@@ -87,6 +90,7 @@ def main() -> None:
     print(f"device compute only        {device * 1e3:9.1f} ms/image")
     print(f"explain, pipelined ({args.loaders} loaders) {pipelined * 1e3:9.1f} ms/image   wall/device = {pipelined / device:.3f}")
     print(f"explain, sequential        {sequential * 1e3:9.1f} ms/image   wall/device = {sequential / device:.3f}")
+    print(f"load average after {load()}")
 
 
 if __name__ == "__main__":
