@@ -21,6 +21,7 @@ from jaxattr._files import display_path
 from jaxattr.cli._common import (
     CliError,
     add_config_options,
+    add_dtype_option,
     add_preprocessing_options,
     config_error,
     config_flags,
@@ -28,6 +29,7 @@ from jaxattr.cli._common import (
     fit_memory,
     format_table,
     fraction,
+    in_compute_dtype,
     lookup_model,
     positive_int,
     preprocessing,
@@ -190,6 +192,7 @@ def add_throughput_options(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="keep compiled programs in $JAXATTR_HOME/compile so the next run skips compiling (default: on)",
     )
+    add_dtype_option(parser)
 
 
 def listed_paths(args: argparse.Namespace, paths: list[Path]) -> list[Path]:
@@ -265,6 +268,8 @@ def settings(args: argparse.Namespace, method: Method, target: int | None, trans
     }
     if args.top_k:
         values["top_k"] = args.top_k
+    if args.dtype != "float32":  # absent for float32: directories written before the option stay resumable
+        values["dtype"] = args.dtype
     if method.spec.takes_references:  # in this order: a picture's index names its reference
         values["references"] = [str(p.resolve()) for p in references]
     if uses_keys(method):
@@ -432,7 +437,7 @@ def _explain_files(
     references: np.ndarray | None,
 ) -> list[dict]:
     size = transform.size
-    model = create_model(args.model, weights=args.weights or "pretrained", image_size=size)
+    model = in_compute_dtype(create_model(args.model, weights=args.weights or "pretrained", image_size=size), args)
     shape = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     num_classes = jax.eval_shape(model, shape).shape[-1]
     if target is not None and not 0 <= target < num_classes:
