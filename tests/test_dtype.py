@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
+from test_methods_contract import BATCH, SIZE, tiny_model
 
 from jaxattr import cli, explain
-from test_methods_contract import BATCH, SIZE, tiny_model
 
 # Rank correlation of each image's bfloat16 map with its float32 map. Measured on this tiny random
 # ResNet (3 images): lowest 0.968 (saliency), IG 0.993, SmoothGrad 0.995, Grad-CAM 0.998.

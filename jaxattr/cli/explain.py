@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattr import viz
+from jaxattr import distributed, viz
 from jaxattr._files import display_path
 from jaxattr.cli._common import (
     CliError,
@@ -37,7 +37,6 @@ from jaxattr.cli._common import (
 )
 from jaxattr.compilation import CompileClock, enable_compile_cache
 from jaxattr.config import ConfigError
-from jaxattr import distributed
 from jaxattr.data import imagenet_labels
 from jaxattr.explanation import explain
 from jaxattr.image import ImageLoadError, Preprocessing, expand_paths, load_image
