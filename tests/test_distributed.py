@@ -108,3 +108,12 @@ def test_an_unreachable_coordinator_is_a_clear_error_within_the_timeout(images, 
     assert "not every process connected within 3 s" in done.stderr
     assert "Traceback" not in done.stderr
     assert cli.main([*_argv(images, tmp_path / "out"), "--no-compile-cache", "--process-id", "1"]) == 2  # needs --distributed
+
+
+def test_inconsistent_process_numbers_are_refused_before_jax_starts():
+    from jaxattr.distributed import DistributedError, initialize
+
+    with pytest.raises(DistributedError, match="not in"):
+        initialize("127.0.0.1:1", num_processes=2, process_id=2)
+    with pytest.raises(DistributedError, match="at least 1"):
+        initialize("127.0.0.1:1", num_processes=0, process_id=0)
