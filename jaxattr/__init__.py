@@ -14,7 +14,7 @@ from jaxattr.data import imagenet_labels as imagenet_labels
 from jaxattr.explanation import Explanation as Explanation, explain as explain, method_config as method_config
 from jaxattr.image import ImageLoadError as ImageLoadError, load_batch as load_batch, load_image as load_image
 from jaxattr.maps import Contrast as Contrast
-from jaxattr.memory import MemoryEstimateError as MemoryEstimateError, fit as fit_memory
+from jaxattr.memory import MemoryEstimateError as MemoryEstimateError, fit as fit_memory  # noqa: F401 (re-exported)
 from jaxattr.methods import (
     Attribution as Attribution,
     Method as Method,

@@ -218,9 +218,13 @@ class OutputDir:
         *,
         finished: str,
         overwrite: bool = False,
+        replace_summary: bool | None = None,
     ):
         """`fields`: the record fields, in CSV column order; `finished`: the status of a record whose
         input is done (earlier records with another status are dropped: their inputs are retried).
+        `overwrite`: earlier records are ignored, and (unless `replace_summary` is False) the first
+        summary written replaces the one on disk; False is for the other processes of a
+        distributed run, whose first process replaces it before any of them writes.
         Nothing is created yet (`create`); an unusable path is a RunError now."""
         self.path = Path(path)
         # What the outputs depend on, as it reads back from JSON (tuples become lists).
@@ -232,7 +236,7 @@ class OutputDir:
         self.records: dict[str, dict] = {n: r for n, r in earlier.items() if r.get("status") == finished}
         # A background writer records an input once its files are written (`run_batches`).
         self._records_lock = threading.Lock()
-        self._replace_summary = overwrite  # the first write replaces the summary on disk
+        self._replace_summary = overwrite if replace_summary is None else replace_summary  # on the first write
         self._warned_unlocked = False
         self._created = False
 

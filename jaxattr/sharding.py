@@ -5,7 +5,9 @@ Methods treat images independently and draw per-image noise (`image_keys`), so s
 batch changes where each image is computed, not its result: the compiled program is the same
 single-device program, partitioned by XLA. The batch is padded to a multiple of the device count
 with copies of its last image (real inputs, so nothing degenerate runs) and sliced back.
-Several hosts: call `jax.distributed.initialize()` first and pass `jax.devices()`.
+Several hosts: each process splits its own images over its own devices (`jax.local_devices()`);
+`jaxattr.distributed` gives each process its share of the inputs. A mesh spanning other
+processes' devices would need every process to hold the whole batch, so it is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     if named:
         raise TypeError(
             f"devices must be jax.Device objects, e.g. jax.local_devices() or jax.devices('gpu'), got {named[0]!r}"
+        )
+    remote = [d for d in devices if d.process_index != jax.process_index()]
+    if remote:
+        raise ValueError(
+            f"{remote[0]} belongs to process {remote[0].process_index}: pass this process's devices "
+            "(jax.local_devices()); across hosts each process explains its own images (jaxattr.distributed)"
         )
     return Mesh(np.asarray(devices), (BATCH_AXIS,))
 

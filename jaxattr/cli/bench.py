@@ -18,8 +18,10 @@ import jax
 from jaxattr.cli._common import (
     CliError,
     add_config_options,
+    add_dtype_option,
     config_error,
     config_overrides,
+    in_compute_dtype,
     lookup_model,
     positive_int,
     random_images,
@@ -55,6 +57,7 @@ def add_parser(commands, method: str | None) -> None:
         default=False,
         help="use the persistent compile cache ($JAXATTR_HOME/compile); default off, so compile_s is a real compile",
     )
+    add_dtype_option(bench)
     if method is not None:
         add_config_options(bench, method)
     bench.set_defaults(run=run, parser=bench)
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise config_error(e) from None
     if args.compile_cache:
         enable_compile_cache(jaxattr_home() / "compile")
-    model = create_model(args.model, weights=None if args.random_init else (args.weights or "pretrained"))
+    model = in_compute_dtype(create_model(args.model, weights=None if args.random_init else (args.weights or "pretrained")), args)
     images = jax.numpy.asarray(random_images(0, args.batch_size, info.image_size))
     key = jax.random.key(0) if method.spec.stochastic else None
     program = jax.jit(lambda m, x, k: explain(m, x, method, key=k))
@@ -111,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         "method": args.method,
         "config": method.config.to_dict(),
         "batch_size": args.batch_size,
+        "dtype": args.dtype,
         "image_size": info.image_size,
         "device": f"{device.platform}:{device.device_kind}",
         "jax": jax.__version__,

@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattr import viz
+from jaxattr import distributed, viz
 from jaxattr._files import display_path
 from jaxattr.cli._common import (
     CliError,
     add_config_options,
+    add_dtype_option,
     add_preprocessing_options,
     config_error,
     config_flags,
@@ -28,6 +29,7 @@ from jaxattr.cli._common import (
     fit_memory,
     format_table,
     fraction,
+    in_compute_dtype,
     lookup_model,
     positive_int,
     preprocessing,
@@ -190,6 +192,49 @@ def add_throughput_options(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="keep compiled programs in $JAXATTR_HOME/compile so the next run skips compiling (default: on)",
     )
+    add_dtype_option(parser)
+    add_distributed_options(parser)
+
+
+def add_distributed_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "several hosts (jax.distributed; see jaxattr.distributed and the README)",
+        "Start the same command once per host: each process explains its share of the inputs on all "
+        "its local devices, into the shared --out. Values left out are read from the environment "
+        "(Cloud TPU pods, SLURM, Open MPI, Kubernetes).",
+    )
+    group.add_argument("--distributed", action="store_true", help="run as one process of a multi-process job")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+    group.add_argument("--num-processes", type=positive_int, metavar="N", help="number of processes")
+    group.add_argument("--process-id", type=int, metavar="K", help="this process's index, 0 to N-1")
+    group.add_argument(
+        "--coordinator-timeout",
+        type=positive_int,
+        default=300,
+        metavar="S",
+        help="seconds to wait for every process to connect (default 300)",
+    )
+
+
+def start_distributed(args: argparse.Namespace) -> tuple[int, int]:
+    """(process index, process count): (0, 1) without --distributed."""
+    given = [flag for flag in ("coordinator", "num_processes", "process_id") if getattr(args, flag) is not None]
+    if not args.distributed:
+        if given:
+            raise CliError(f"--{given[0].replace('_', '-')} needs --distributed", status=2)
+        return 0, 1
+    try:
+        return distributed.initialize(
+            args.coordinator, args.num_processes, args.process_id, timeout=args.coordinator_timeout, on_timeout=_exit_with
+        )
+    except distributed.DistributedError as e:
+        raise CliError(str(e)) from None
+
+
+def _exit_with(message: str) -> None:
+    """The main thread is blocked inside JAX's runtime, which would abort the process: one line, exit 1."""
+    print(f"jaxattr: error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def listed_paths(args: argparse.Namespace, paths: list[Path]) -> list[Path]:
@@ -265,6 +310,8 @@ def settings(args: argparse.Namespace, method: Method, target: int | None, trans
     }
     if args.top_k:
         values["top_k"] = args.top_k
+    if args.dtype != "float32":  # absent for float32: directories written before the option stay resumable
+        values["dtype"] = args.dtype
     if method.spec.takes_references:  # in this order: a picture's index names its reference
         values["references"] = [str(p.resolve()) for p in references]
     if uses_keys(method):
@@ -277,12 +324,15 @@ def uses_keys(method: Method) -> bool:
     return method.stochastic or method.spec.takes_references
 
 
-def explain_batch(model, method: Method, batch: Batch, keys, target, references=None, top_k: int | None = None) -> list[tuple]:
+def explain_batch(
+    model, method: Method, batch: Batch, keys, target, references=None, top_k: int | None = None, devices=None
+) -> list[tuple]:
     """(attribution, saliency map, class, probability, {extra output: array}) per real row of the
-    batch, as numpy; with `top_k`, the first four with a leading class axis of size K."""
+    batch, as numpy; with `top_k`, the first four with a leading class axis of size K. `devices`:
+    split the batch over them (`jaxattr.explain`)."""
     arrays = {} if references is None else {"references": references}
     try:
-        result = explain(model, jnp.asarray(batch.inputs), method, targets=target, top_k=top_k, key=keys, **arrays)
+        result = explain(model, jnp.asarray(batch.inputs), method, targets=target, top_k=top_k, key=keys, devices=devices, **arrays)
     except ValueError as e:  # inputs the method cannot take (e.g. a mask larger than the image)
         raise CliError(f"{method.spec.name}: {e}") from None
     n = len(batch.items)
@@ -325,6 +375,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"argument --loaders: must be 0 or more, got {args.loaders}", status=2)
     if not args.inputs and args.list is None:
         raise CliError("the following arguments are required: IMAGES_OR_DIRS (or --list FILE)", status=2)
+    process, processes = start_distributed(args)  # before JAX starts its backends
     if args.compile_cache:  # before anything compiles: JAX decides once per process
         enable_compile_cache(jaxattr_home() / "compile")
     transform = preprocessing(args, info)
@@ -343,13 +394,23 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"no image files in {', '.join(map(display_path, [*args.inputs, *([args.list] if args.list else [])]))}")
     reference_paths, references = _load_references(args, method, transform)
     try:
-        names = output_names([*paths, *(e.path for e in skipped)])
+        names = output_names([*paths, *(e.path for e in skipped)])  # from every input: the same in every process
         output = OutputDir(
-            args.out, settings(args, method, target, transform, reference_paths), RECORD_FIELDS, finished=EXPLAINED, overwrite=args.overwrite
+            args.out,
+            settings(args, method, target, transform, reference_paths),
+            RECORD_FIELDS,
+            finished=EXPLAINED,
+            overwrite=args.overwrite,
+            replace_summary=args.overwrite and process == 0,
         )
         check_no_input_overwritten(args.out, paths, lambda path: outputs(args.out, names[path]))
     except RunError as e:
         raise CliError(str(e)) from None
+    if processes > 1:  # this process's share; the others' records stay on disk, merged by each write
+        mine = set(distributed.shard(list(names.values()), process, processes))
+        paths = [path for path in paths if names[path] in mine]
+        skipped = [e for e in skipped if names[e.path] in mine]
+        output.records = {name: record for name, record in output.records.items() if name in mine}
 
     records = {names[e.path]: dataclasses.asdict(ImageRecord(str(e.path), names[e.path], "unreadable", message=e.reason)) for e in skipped}
     todo = []
@@ -364,6 +425,8 @@ def run(args: argparse.Namespace) -> int:
     if len(records) > len(skipped):
         print(f"{len(records) - len(skipped)} of {len(paths)} images already have outputs in {display_path(args.out)}; skipping them", file=sys.stderr)
     try:
+        if processes > 1:
+            _start_together(output, process, args.overwrite)
         if todo:
             for record in _explain_files(todo, names, args, method, target, transform, output, references):
                 records[record["output"]] = record
@@ -378,11 +441,27 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(("file", "class", "label", "probability", "status"), [_table_row(r) for r in ordered]))
     failed = sum(r["status"] in FAILED for r in ordered)
     print(
+        f"{'' if processes == 1 else f'process {process} of {processes}: '}"
         f"{len(todo) - (failed - len(skipped))} explained, {len(paths) - len(todo)} already done, {failed} failed; "
         f"outputs and summary.json / summary.csv in {display_path(args.out)}",
         file=sys.stderr,
     )
+    if processes > 1:
+        distributed.barrier("jaxattr-explain-done")
+        if process == 0:
+            print(f"all {processes} processes done; the summary lists every shard's images", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _start_together(output: OutputDir, process: int, overwrite: bool) -> None:
+    """Before any process of a distributed run writes an output: each clears what killed runs left
+    in the directory (then no process removes a temporary file another is writing, whose process
+    id means nothing on this host), and with --overwrite process 0 replaces the summary."""
+    output.create()
+    distributed.barrier("jaxattr-explain-cleared")
+    if overwrite and process == 0:
+        output.write_summary()
+    distributed.barrier("jaxattr-explain-start")
 
 
 def _rgb(picture: np.ndarray) -> np.ndarray:
@@ -435,7 +514,7 @@ def _explain_files(
     references: np.ndarray | None,
 ) -> list[dict]:
     size = transform.size
-    model = create_model(args.model, weights=args.weights or "pretrained", image_size=size)
+    model = in_compute_dtype(create_model(args.model, weights=args.weights or "pretrained", image_size=size), args)
     shape = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     num_classes = jax.eval_shape(model, shape).shape[-1]
     if target is not None and not 0 <= target < num_classes:
@@ -450,13 +529,15 @@ def _explain_files(
     spec = method.spec
     pictured = [extra for extra in spec.extra_outputs if getattr(args, EXTRA_DEST + extra.flag, False)]
     pictured_extras = {name for extra in spec.extra_outputs for name in extra.uses}  # never saved as .npy
+    # Every local device (a GPU box's GPUs, a TPU host's cores): the batch is split over them.
+    devices = jax.local_devices() if len(jax.local_devices()) > 1 else None
 
     def compute(batch: Batch[Path]) -> list[tuple]:
         keys = None
         if uses_keys(method):  # padded rows repeat the last real row's key
             keys = file_keys(args.seed, [names[p] for p in batch.items])
             keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], batch_size - len(batch.items))])
-        return explain_batch(model, method, batch, keys, target, references, args.top_k)
+        return explain_batch(model, method, batch, keys, target, references, args.top_k, devices)
 
     def write_files(png: Path, npy: Path, image: np.ndarray, attribution: np.ndarray, saliency_map: np.ndarray) -> None:
         # Each file is atomic; an image only counts as done once both exist.

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from jaxattr.models._classifier import PERTURB, READ, REPLACE, Classifier, stage_variable
@@ -39,19 +40,39 @@ def check_images(images: Any) -> None:
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["module", "name"]
+    jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["module", "name", "dtype"]
 )
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A classifier: `model(images) -> logits` for NHWC images in [0, 1]."""
+    """A classifier: `model(images) -> logits` for NHWC images in [0, 1].
+
+    `dtype` (set by `astype`): the floating dtype the model computes in. Its inputs (images after
+    normalisation, a tap's activation, intervention values) are cast to it on the way in, and what
+    it returns (logits, activations, read site values) is cast back to the dtype of the input on
+    the way out, so a bfloat16 model inside a float32 method computes its layers in bfloat16 while
+    the method (path points, gradients w.r.t. images and sites, their sums) stays in float32.
+    None: the model computes in the inputs' dtype (the layers cast their parameters to it)."""
 
     module: Classifier
     params: Params
     name: str = ""
+    dtype: np.dtype | None = None
 
     def __call__(self, images: Float[Array, "b h w 3"]) -> Float[Array, "b k"]:
         check_images(images)
-        return self.module.apply({"params": self.params}, images)
+        return self._apply({"params": self.params}, images)
+
+    def _apply(self, variables: Mapping, x: Array, *, start: str | None = None, normalised: bool = False, **options) -> Any:
+        """`module.apply` in the model's compute dtype (see the class docstring). Normalisation
+        stays in the caller's precision: the first rounding is of the normalised input."""
+        outer = jnp.result_type(x)
+        if self.dtype is None or outer == self.dtype:
+            return self.module.apply(variables, x, start=start, normalised=normalised, **options)
+        if start is None and not normalised:
+            x, normalised = self.module.normalise(x), True
+        result = self.module.apply(variables, x.astype(self.dtype), start=start, normalised=normalised, **options)
+        back = lambda a: a.astype(outer) if jnp.issubdtype(a.dtype, jnp.floating) else a
+        return jax.tree_util.tree_map(back, result)
 
     # ---------------------------------------------------------------------- normalisation
 
@@ -67,7 +88,7 @@ class Model:
     def from_normalised(self, inputs: Float[Array, "b h w 3"]) -> Float[Array, "b k"]:
         """Logits of inputs already in the model's normalised space: model(x) == from_normalised(normalise(x))."""
         check_images(inputs)
-        return self.module.apply({"params": self.params}, inputs, normalised=True)
+        return self._apply({"params": self.params}, inputs, normalised=True)
 
     # ----------------------------------------------------------------------------- layers
 
@@ -146,8 +167,8 @@ class Model:
             variables[PERTURB] = self._site_tree(perturb)
         run = dict(start=start, stop=stop, normalised=normalised)
         if not read:
-            return self.module.apply(variables, images, **run), {}
-        output, state = self.module.apply(variables, images, **run, mutable=[READ])
+            return self._apply(variables, images, **run), {}
+        output, state = self._apply(variables, images, **run, mutable=[READ])
         recorded = self._site_values(state[READ])
         missing = [s for s in read if s not in recorded]
         if missing:
@@ -233,9 +254,15 @@ class Model:
         return dataclasses.replace(self, module=self.module.clone(nonlinearity=nonlinearity))
 
     def astype(self, dtype: Any) -> "Model":
-        """The model with floating parameters cast to `dtype` (float64 parity runs, bf16 speed)."""
+        """The model computing in the floating dtype `dtype`: its floating parameters cast to it,
+        and its inputs and outputs cast at its boundary (see the class docstring). float64 for
+        parity runs (with float64 images, as before); bfloat16 for throughput on TPUs and GPUs:
+        activations and parameters in bfloat16, the method around it and its maps in float32."""
+        dtype = jnp.dtype(dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"a model computes in a floating dtype (float32, bfloat16, float64), got {dtype}")
         cast = lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
-        return dataclasses.replace(self, params=jax.tree_util.tree_map(cast, self.params))
+        return dataclasses.replace(self, params=jax.tree_util.tree_map(cast, self.params), dtype=dtype)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["model"], meta_fields=["layer"])
@@ -247,4 +274,4 @@ class Head:
     layer: str
 
     def __call__(self, activation: Array) -> Float[Array, "b k"]:
-        return self.model.module.apply({"params": self.model.params}, activation, start=self.layer)
+        return self.model._apply({"params": self.model.params}, activation, start=self.layer)
