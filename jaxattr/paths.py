@@ -102,7 +102,9 @@ def _gauss_legendre(steps: int, *, float32_weights: bool = True) -> Quadrature:
     # the weights are cast to the points' dtype, so in float32 both rules are the same.
     xi, w = np.polynomial.legendre.leggauss(steps)
     weights = 0.5 * w
-    return Quadrature(0.5 * (1 + xi), weights.astype(np.float32).astype(np.float64) if float32_weights else weights)
+    if float32_weights:
+        weights = weights.astype(np.float32).astype(np.float64)
+    return Quadrature(0.5 * (1 + xi), weights)
 
 
 def _pair(steps: int) -> Quadrature:

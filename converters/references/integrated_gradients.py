@@ -56,7 +56,9 @@ def _score_function(torch_model: torch.nn.Module, output: str):
     return torch_model
 
 
-def captum_020_gauss_legendre(forward, inputs: torch.Tensor, baselines, target: torch.Tensor, steps: int) -> torch.Tensor:
+def captum_020_gauss_legendre(
+    forward, inputs: torch.Tensor, baselines, target: torch.Tensor, steps: int
+) -> torch.Tensor:
     """Integrated Gradients as captum 0.2.0 computes `method='gausslegendre'` (gnl.md §1, §2.5),
     written from its source: NumPy's float64 `leggauss` nodes α = (1 + ξ)/2 and step sizes w/2,
     which stay float64 (NumPy scalars make a float64 tensor, and torch's type promotion keeps the
@@ -72,11 +74,14 @@ def captum_020_gauss_legendre(forward, inputs: torch.Tensor, baselines, target: 
     return total * (inputs - baselines)
 
 
-def _integrated_gradients(forward, inputs, baselines, targets: np.ndarray, config: IntegratedGradientsConfig, images):
+def _integrated_gradients(
+    forward, inputs, baselines, targets: np.ndarray, config: IntegratedGradientsConfig, images
+) -> torch.Tensor:
     """captum's IntegratedGradients for captum's rules, captum 0.2.0's arithmetic for 'gausslegendre64'."""
     target = torch.from_numpy(targets)
-    if config.rule == "gausslegendre64":  # every step in one batch (jaxattr's chunk changes only the order of the sum)
-        return captum_020_gauss_legendre(forward, inputs, 0.0 if baselines is None else baselines, target, config.steps)
+    if config.rule == "gausslegendre64":  # all steps in one batch (a chunk changes only the order of the sum)
+        baselines = 0.0 if baselines is None else baselines
+        return captum_020_gauss_legendre(forward, inputs, baselines, target, config.steps)
     return IntegratedGradients(forward).attribute(
         inputs,
         baselines=baselines,
@@ -145,7 +150,8 @@ def integrated_gradients_vs_pair(
 @reference(
     "gnl_ig",
     reference="captum IntegratedGradients on the normalised-input torch model with GNL's guided rules "
-    "(baseline 0 in normalised space, 50 Gauss-Legendre steps; 'gausslegendre64': captum 0.2.0's float64-weight arithmetic)",
+    "(baseline 0 in normalised space, 50 Gauss-Legendre steps; "
+    "'gausslegendre64': captum 0.2.0's float64-weight arithmetic)",
     tolerance={"float32": 1e-5, "float64": 1e-10},
     default_dtype="float64",  # as integrated_gradients
 )
@@ -162,5 +168,6 @@ def gnl_ig_vs_captum(model, torch_model: PixelInput, images, targets, *, config:
     mean, std = torch_model.normalisation(dtype)
     normalised = (pixels - mean) / std
     with guided(torch_model.model, "guided") as guided_model:
-        theirs = _integrated_gradients(_score_function(guided_model, config.output), normalised, None, targets, config, images)
+        forward = _score_function(guided_model, config.output)
+        theirs = _integrated_gradients(forward, normalised, None, targets, config, images)
     return np.asarray(ours), to_numpy_nhwc(theirs)

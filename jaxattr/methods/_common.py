@@ -188,10 +188,11 @@ def straight_image_path(
     start + t · direction are formed there, and the model runs from them (`from_normalised`). In
     float32 a point near a baseline that normalises to ~0 (the 'mean' baseline) then keeps its
     relative precision; built in pixels, mean + t (x - mean), and normalised inside the model it
-    loses ~eps·|mean| / |t (x - mean)| (4.4e-5 at the first of 50 Gauss-Legendre nodes), which
-    deep networks amplify. No conversion back is needed: the normalisation is affine per channel,
-    so tangent ⊙ gradient is the same in both spaces, (d / std) ⊙ (std ∇_pixels) = d ⊙ ∇_pixels,
-    up to rounding. Any other forward: the path in pixel space."""
+    loses ~eps·|mean| / |t (x - mean)| (4.4e-5 at the first of 50 Gauss-Legendre nodes), enough to
+    flip near-ties of ReLUs and max-pools on those almost constant images. No conversion back is
+    needed: the normalisation is affine per channel, so tangent ⊙ gradient is the same in both
+    spaces, (d / std) ⊙ (std ∇_pixels) = d ⊙ ∇_pixels, up to rounding. Any other forward: the
+    path in pixel space."""
     if not isinstance(forward, Model):
         return path_scores(forward, targets, output), paths.StraightLine(starts, ends)
     start, direction = jax.jvp(forward.normalise, (starts,), (ends - starts,))

@@ -27,7 +27,16 @@ from jaxattr.methods._common import Output, require_model, resolve_targets, stra
 from jaxattr.methods.base import MethodSpec, register, run_compiled
 from jaxattr.methods.baselines import Baseline, baseline_images, broadcast_baselines
 
-Rule = Literal["gausslegendre", "gausslegendre64", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "pair", "igos"]
+Rule = Literal[
+    "gausslegendre",
+    "gausslegendre64",
+    "riemann_left",
+    "riemann_right",
+    "riemann_middle",
+    "riemann_trapezoid",
+    "pair",
+    "igos",
+]
 
 
 @config
@@ -62,7 +71,8 @@ def _straight_line_ig(forward, images, targets, key, config: IntegratedGradients
     targets = resolve_targets(forward, images, targets)
     if baselines is None:
         baselines = baseline_images(config.baseline, forward, images, key=key, blur_sigma=config.blur_sigma)
-    score, path = straight_image_path(forward, broadcast_baselines(baselines, images), images, targets, config.output)
+    starts = broadcast_baselines(baselines, images)
+    score, path = straight_image_path(forward, starts, images, targets, config.output)
     rule = paths.quadrature(config.rule, config.steps)
     return paths.integrate(score, path, rule, chunk=config.chunk)
 
