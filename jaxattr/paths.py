@@ -6,8 +6,9 @@ over the nodes t_k and weights w_k of a quadrature rule, for a path p with tange
 pieces, each small:
 
 * quadrature rules (`quadrature`, `nodes_and_weights`): captum's rules with captum's names and
-  node values, PAIR saliency's inclusive-mean rule ('pair') and the I-GOS right rule ('igos'),
-  computed exactly as each anchor computes them (metrics.md §6);
+  node values, captum 0.2.0's float64-weight Gauss-Legendre ('gausslegendre64'), PAIR saliency's
+  inclusive-mean rule ('pair') and the I-GOS right rule ('igos'), computed exactly as each anchor
+  computes them (metrics.md §6);
 * paths: anything with `points(t)` and `tangents(t)` (`Path`); `StraightLine` is IG's,
   `Polyline` (segments through given vertices) IG2's, other methods bring their own (Blur IG's
   blur path);
@@ -35,6 +36,7 @@ from jaxtyping import Array, Float, PyTree
 
 RULES: tuple[str, ...] = (
     "gausslegendre",
+    "gausslegendre64",
     "riemann_left",
     "riemann_right",
     "riemann_middle",
@@ -92,11 +94,17 @@ def _captum_riemann(steps: int, start: float, end: float, *, trapezoid: bool = F
     return Quadrature(nodes.astype(np.float64), weights.astype(np.float32).astype(np.float64))
 
 
-def _gauss_legendre(steps: int) -> Quadrature:
-    # captum: NumPy's float64 Gauss-Legendre nodes and weights mapped from [-1, 1] to [0, 1];
-    # modern captum casts the weights to float32 (captum 0.2.0, GNL's pin, kept them float64).
+def _gauss_legendre(steps: int, *, float32_weights: bool = True) -> Quadrature:
+    # captum: NumPy's float64 Gauss-Legendre nodes and weights mapped from [-1, 1] to [0, 1].
+    # Modern captum casts the weights to float32 ('gausslegendre'); captum 0.2.0, GNL's pin, kept
+    # them float64 ('gausslegendre64': its step sizes are NumPy float64 scalars, a float64 tensor
+    # under torch's type promotion). The two differ by ~1e-8 relative, visible only in float64:
+    # the weights are cast to the points' dtype, so in float32 both rules are the same.
     xi, w = np.polynomial.legendre.leggauss(steps)
-    return Quadrature(0.5 * (1 + xi), (0.5 * w).astype(np.float32).astype(np.float64))
+    weights = 0.5 * w
+    if float32_weights:
+        weights = weights.astype(np.float32).astype(np.float64)
+    return Quadrature(0.5 * (1 + xi), weights)
 
 
 def _pair(steps: int) -> Quadrature:
@@ -111,6 +119,7 @@ def _igos(steps: int) -> Quadrature:
 
 _RULE_BUILDERS: dict[str, tuple[int, Callable[[int], Quadrature]]] = {  # name -> (minimum steps, builder)
     "gausslegendre": (1, _gauss_legendre),
+    "gausslegendre64": (1, functools.partial(_gauss_legendre, float32_weights=False)),
     "riemann_left": (2, lambda n: _captum_riemann(n, 0, 1 - 1 / n)),
     "riemann_right": (2, lambda n: _captum_riemann(n, 1 / n, 1)),
     "riemann_middle": (2, lambda n: _captum_riemann(n, 1 / (2 * n), 1 - 1 / (2 * n))),
@@ -133,7 +142,7 @@ def quadrature_bytes(rule: str, steps: int) -> int:
     device copies, and for Gauss-Legendre NumPy's n x n companion matrix and its eigen-solver's
     workspace (leggauss)."""
     tables = 48 * steps
-    return tables + (24 * steps * steps if rule == "gausslegendre" else 0)
+    return tables + (24 * steps * steps if rule.startswith("gausslegendre") else 0)
 
 
 def quadrature(rule: str, steps: int) -> Quadrature:
@@ -175,25 +184,32 @@ def _along_nodes(values: Float[Array, " k"], like: Array) -> Array:
     return values.astype(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["start", "end"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["start", "end", "direction"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class StraightLine:
     """start + t (end - start), t in [0, 1]: Integrated Gradients' path, tangent end - start.
-    Arrays of any shape (or pytrees of them, with the same structure)."""
+    Arrays of any shape (or pytrees of them, with the same structure).
+
+    `direction`: end - start as the caller knows it more exactly than the rounded difference of
+    the ends, e.g. a displacement mapped from another space (`jaxattr.methods.straight_image_path`);
+    None: end - start. It is the tangent and forms the points, start + t · direction."""
 
     start: PyTree[Array]
     end: PyTree[Array]
+    direction: PyTree[Array] | None = None
 
     constant_tangent: ClassVar[bool] = True
 
     def points(self, nodes: Float[Array, " k"]) -> Points:
         # start + t * (end - start) in the arrays' dtype: captum's expression, node rounded first.
-        def line(start, end):
-            return start + _along_nodes(nodes, end[None]) * (end - start)
+        def line(start, direction):
+            return start + _along_nodes(nodes, direction[None]) * direction
 
-        return jax.tree_util.tree_map(line, self.start, self.end)
+        return jax.tree_util.tree_map(line, self.start, self.tangents())
 
     def tangents(self, nodes: Float[Array, " k"] | None = None) -> PyTree[Array]:
+        if self.direction is not None:
+            return self.direction
         return jax.tree_util.tree_map(lambda start, end: end - start, self.start, self.end)
 
 

@@ -287,7 +287,7 @@ def test_help_shows_metavars_and_choices():
     assert result.status == 0
     text = " ".join(result.out.split())
     assert "--steps N" in text and "CONFIG:" not in text
-    assert "--rule {gausslegendre,riemann_left,riemann_right,riemann_middle,riemann_trapezoid,pair,igos}" in text
+    assert "--rule {gausslegendre,gausslegendre64,riemann_left,riemann_right,riemann_middle,riemann_trapezoid,pair,igos}" in text
     assert "--baseline {black,mean,blur,uniform}" in text
     assert "--resize N" in text and "--no-crop" in text and "--interpolation {bilinear,bicubic}" in text
 

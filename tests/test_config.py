@@ -113,5 +113,5 @@ def test_help_shows_metavars_and_choices(capsys):
         cli.parse_args(["explain", "--method", "integrated_gradients", "--help"])
     out = capsys.readouterr().out
     assert "--steps N" in out and "--blur-sigma X" in out
-    assert "--rule {gausslegendre,riemann_left" in out and "--baseline {black,mean,blur,uniform}" in out
+    assert "--rule {gausslegendre,gausslegendre64,riemann_left" in out and "--baseline {black,mean,blur,uniform}" in out
     assert "CONFIG:" not in out

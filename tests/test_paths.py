@@ -44,6 +44,19 @@ def test_torch_linspace_float32_equals_torch(seed):
         np.testing.assert_array_equal(ours, torch.linspace(start, end, n).numpy(), err_msg=f"n={n} [{start}, {end}]")
 
 
+def test_gausslegendre64_keeps_captum_020s_float64_weights():
+    # captum 0.2.0 (GNL's pin): 0.5 * leggauss(n) weights as float64 NumPy scalars; the nodes are
+    # the 'gausslegendre' ones, the weights differ from modern captum's float32 ones by ~1e-8.
+    for n in (1, 2, 16, 50, 100):
+        nodes, weights = paths.nodes_and_weights("gausslegendre64", n)
+        xi, w = np.polynomial.legendre.leggauss(n)
+        np.testing.assert_array_equal(nodes, 0.5 * (1 + xi))
+        np.testing.assert_array_equal(weights, 0.5 * w)
+        np.testing.assert_array_equal(nodes, paths.nodes_and_weights("gausslegendre", n)[0])
+    exact, rounded = (paths.nodes_and_weights(rule, 50)[1] for rule in ("gausslegendre64", "gausslegendre"))
+    assert 1e-9 < np.abs(exact - rounded).max() / exact.max() < 1e-7
+
+
 def test_pair_rule_is_saliency_inclusive_mean():
     for n in (2, 25, 100):
         nodes, weights = paths.nodes_and_weights("pair", n)

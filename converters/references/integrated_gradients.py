@@ -21,6 +21,9 @@ from jaxattr.methods.baselines import baseline_images
 from jaxattr.methods.integrated_gradients import GnlIGConfig, IntegratedGradientsConfig, gnl_ig, integrated_gradients
 
 CAPTUM_RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+# captum 0.2.0's Gauss-Legendre (GNL's pin): modern captum has no float64-weight form, so it is
+# computed by `captum_020_gauss_legendre` below.
+REFERENCE_RULES = (*CAPTUM_RULES, "gausslegendre64")
 
 
 def _torch_dtype(torch_model: torch.nn.Module) -> torch.dtype:
@@ -53,6 +56,42 @@ def _score_function(torch_model: torch.nn.Module, output: str):
     return torch_model
 
 
+def captum_020_gauss_legendre(
+    forward, inputs: torch.Tensor, baselines, target: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """Integrated Gradients as captum 0.2.0 computes `method='gausslegendre'` (gnl.md §1, §2.5),
+    written from its source: NumPy's float64 `leggauss` nodes α = (1 + ξ)/2 and step sizes w/2,
+    which stay float64 (NumPy scalars make a float64 tensor, and torch's type promotion keeps the
+    product float64); the points baseline + α (input - baseline) of every step in one batch;
+    Σ_k w_k ∇_k summed in float64, times (input - baseline)."""
+    xi, w = np.polynomial.legendre.leggauss(steps)
+    alphas, step_sizes = 0.5 * (1 + xi), torch.from_numpy(0.5 * w)
+    baselines = torch.as_tensor(baselines, dtype=inputs.dtype)
+    points = torch.cat([baselines + float(a) * (inputs - baselines) for a in alphas]).requires_grad_()
+    scores = forward(points).gather(1, target.repeat(steps)[:, None])
+    (grads,) = torch.autograd.grad(scores.sum(), points)
+    total = (grads.view(steps, *inputs.shape) * step_sizes.view(steps, *[1] * inputs.dim())).sum(0)
+    return total * (inputs - baselines)
+
+
+def _integrated_gradients(
+    forward, inputs, baselines, targets: np.ndarray, config: IntegratedGradientsConfig, images
+) -> torch.Tensor:
+    """captum's IntegratedGradients for captum's rules, captum 0.2.0's arithmetic for 'gausslegendre64'."""
+    target = torch.from_numpy(targets)
+    if config.rule == "gausslegendre64":  # all steps in one batch (a chunk changes only the order of the sum)
+        baselines = 0.0 if baselines is None else baselines
+        return captum_020_gauss_legendre(forward, inputs, baselines, target, config.steps)
+    return IntegratedGradients(forward).attribute(
+        inputs,
+        baselines=baselines,
+        target=target,
+        n_steps=config.steps,
+        method=config.rule,
+        internal_batch_size=_internal_batch_size(config, images),
+    )
+
+
 # float64 by default: on max-pool/ReLU networks, float32 torch and XLA break near-ties of
 # near-baseline path points (the first Gauss-Legendre node is t = 5.7e-4) differently, which moves
 # those points' gradients (measured 4e-4 on resnet18 and 4e-3 on vgg11 at the defaults); float64
@@ -63,7 +102,8 @@ def _score_function(torch_model: torch.nn.Module, output: str):
 # float64 on an AMD EPYC, 1e-15 on an Intel Xeon); compare those from a random baseline.
 @reference(
     "integrated_gradients",
-    reference="captum IntegratedGradients (same rule, steps, baseline and internal batching)",
+    reference="captum IntegratedGradients (same rule, steps, baseline and internal batching; "
+    "'gausslegendre64': captum 0.2.0's float64-weight arithmetic)",
     tolerance={"float32": 1e-5, "float64": 1e-10},
     default_dtype="float64",
 )
@@ -71,17 +111,12 @@ def integrated_gradients_vs_captum(
     model, torch_model, images, targets, *, config: IntegratedGradientsConfig | None = None, key=None
 ):
     config = config or IntegratedGradientsConfig()
-    if config.rule not in CAPTUM_RULES:
-        raise ValueError(f"captum has no rule {config.rule!r}; its rules: {CAPTUM_RULES}")
+    if config.rule not in REFERENCE_RULES:
+        raise ValueError(f"captum has no rule {config.rule!r}; its rules: {REFERENCE_RULES}")
     ours = integrated_gradients(model, images, targets, config=config, key=key)
-    theirs = IntegratedGradients(_score_function(torch_model, config.output)).attribute(
-        to_torch_images(images),
-        baselines=captum_baselines(config, torch_model, images, key),
-        target=torch.from_numpy(targets),
-        n_steps=config.steps,
-        method=config.rule,
-        internal_batch_size=_internal_batch_size(config, images),
-    )
+    forward = _score_function(torch_model, config.output)
+    baselines = captum_baselines(config, torch_model, images, key)
+    theirs = _integrated_gradients(forward, to_torch_images(images), baselines, targets, config, images)
     return np.asarray(ours), to_numpy_nhwc(theirs)
 
 
@@ -115,7 +150,8 @@ def integrated_gradients_vs_pair(
 @reference(
     "gnl_ig",
     reference="captum IntegratedGradients on the normalised-input torch model with GNL's guided rules "
-    "(baseline 0 in normalised space, 50 Gauss-Legendre steps)",
+    "(baseline 0 in normalised space, 50 Gauss-Legendre steps; "
+    "'gausslegendre64': captum 0.2.0's float64-weight arithmetic)",
     tolerance={"float32": 1e-5, "float64": 1e-10},
     default_dtype="float64",  # as integrated_gradients
 )
@@ -132,11 +168,6 @@ def gnl_ig_vs_captum(model, torch_model: PixelInput, images, targets, *, config:
     mean, std = torch_model.normalisation(dtype)
     normalised = (pixels - mean) / std
     with guided(torch_model.model, "guided") as guided_model:
-        theirs = IntegratedGradients(_score_function(guided_model, config.output)).attribute(
-            normalised,
-            target=torch.from_numpy(targets),
-            n_steps=config.steps,
-            method=config.rule,
-            internal_batch_size=_internal_batch_size(config, images),
-        )
+        forward = _score_function(guided_model, config.output)
+        theirs = _integrated_gradients(forward, normalised, None, targets, config, images)
     return np.asarray(ours), to_numpy_nhwc(theirs)

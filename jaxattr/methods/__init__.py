@@ -11,6 +11,7 @@ from jaxattr.methods import igos as igos  # noqa: F401
 from jaxattr.methods import ig2 as ig2  # noqa: F401
 from jaxattr.methods import iia as iia  # noqa: F401
 from jaxattr.methods._common import path_scores as path_scores
+from jaxattr.methods._common import straight_image_path as straight_image_path
 from jaxattr.methods.base import (
     Attribution as Attribution,
     ExtraOutput as ExtraOutput,

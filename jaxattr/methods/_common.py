@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from jaxattr import paths
 from jaxattr.models import Head, Model, check_images
 from jaxattr.scores import Output as Output, select_scores
 
@@ -169,3 +170,31 @@ def path_scores(forward: Forward, targets: Int[Array, " b"], output: Output = "l
         return target_scores(forward, flat, jnp.tile(targets, k), output).reshape(k, b)
 
     return scores
+
+
+def straight_image_path(
+    forward: Forward,
+    starts: Float[Array, "b h w c"],
+    ends: Float[Array, "b h w c"],
+    targets: Int[Array, " b"],
+    output: Output = "logit",
+) -> tuple[Callable[[Array], Array], paths.StraightLine]:
+    """The straight path from the pixel images `starts` to `ends`, and the score to integrate along
+    it (`paths.integrate(score, path, rule)` is then Integrated Gradients in pixel units).
+
+    For a jaxattr Model the path lies in the model's normalised space, as captum builds it on
+    normalised inputs: its start and direction are the normalisation's value and tangent at the
+    starts (`jax.jvp`: normalise(starts) and the exact linear image of ends - starts), the points
+    start + t · direction are formed there, and the model runs from them (`from_normalised`). In
+    float32 a point near a baseline that normalises to ~0 (the 'mean' baseline) then keeps its
+    relative precision; built in pixels, mean + t (x - mean), and normalised inside the model it
+    loses ~eps·|mean| / |t (x - mean)| (4.4e-5 at the first of 50 Gauss-Legendre nodes), enough to
+    flip near-ties of ReLUs and max-pools on those almost constant images. No conversion back is
+    needed: the normalisation is affine per channel, so tangent ⊙ gradient is the same in both
+    spaces, (d / std) ⊙ (std ∇_pixels) = d ⊙ ∇_pixels, up to rounding. Any other forward: the
+    path in pixel space."""
+    if not isinstance(forward, Model):
+        return path_scores(forward, targets, output), paths.StraightLine(starts, ends)
+    start, direction = jax.jvp(forward.normalise, (starts,), (ends - starts,))
+    path = paths.StraightLine(start, forward.normalise(ends), direction)
+    return path_scores(forward.from_normalised, targets, output), path

@@ -5,9 +5,12 @@ Both are the straight-line path integral of `jaxattr.paths`:
 GNL-IG is the same integral on the model whose ReLU / ReLU6 / max-pool backward rules are the
 guided ones (gnl.md §2.4): only the gradients change, so it satisfies no completeness.
 
-Precision: computation in the images' dtype (float64 with x64 enabled). The captum rules' weights
-are the float32 values modern captum multiplies by; captum 0.2.0, which GNL pins, kept float64
-Gauss-Legendre weights (a ~1e-8 relative difference, visible only in float64).
+Precision: computation in the images' dtype (float64 with x64 enabled). With a jaxattr Model the
+path is built in the model's normalised space, as captum builds it on normalised inputs
+(`straight_image_path`), so float32 points near the 'mean' baseline keep their precision. The
+captum rules' weights are the float32 values modern captum multiplies by; 'gausslegendre64' keeps
+the float64 Gauss-Legendre weights of captum 0.2.0, which GNL pins (a ~1e-8 relative difference,
+visible only in float64).
 """
 
 from __future__ import annotations
@@ -20,11 +23,20 @@ from jaxtyping import Array, Float
 from jaxattr import maps, paths
 from jaxattr.config import Config, ConfigError, Footprint, config, integer, number, optional, static
 from jaxattr.maps import Contrast
-from jaxattr.methods._common import Output, path_scores, require_model, resolve_targets
+from jaxattr.methods._common import Output, require_model, resolve_targets, straight_image_path
 from jaxattr.methods.base import MethodSpec, register, run_compiled
 from jaxattr.methods.baselines import Baseline, baseline_images, broadcast_baselines
 
-Rule = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "pair", "igos"]
+Rule = Literal[
+    "gausslegendre",
+    "gausslegendre64",
+    "riemann_left",
+    "riemann_right",
+    "riemann_middle",
+    "riemann_trapezoid",
+    "pair",
+    "igos",
+]
 
 
 @config
@@ -32,7 +44,8 @@ class IntegratedGradientsConfig(Config):
     """captum `IntegratedGradients.attribute` defaults."""
 
     steps: int = static(50, integer(1))  # captum n_steps (each rule has its minimum)
-    rule: Rule = static("gausslegendre")  # captum's method names, PAIR's 'pair', I-GOS's 'igos'
+    # captum's method names ('gausslegendre64': captum 0.2.0's float64 weights), PAIR's 'pair', I-GOS's 'igos'
+    rule: Rule = static("gausslegendre")
     baseline: Baseline = static("black")  # a `baselines=` array overrides it
     # Steps evaluated per gradient batch: memory, never results (captum's internal_batch_size /
     # batch size). None: all steps at once.
@@ -58,9 +71,10 @@ def _straight_line_ig(forward, images, targets, key, config: IntegratedGradients
     targets = resolve_targets(forward, images, targets)
     if baselines is None:
         baselines = baseline_images(config.baseline, forward, images, key=key, blur_sigma=config.blur_sigma)
-    path = paths.StraightLine(broadcast_baselines(baselines, images), images)
+    starts = broadcast_baselines(baselines, images)
+    score, path = straight_image_path(forward, starts, images, targets, config.output)
     rule = paths.quadrature(config.rule, config.steps)
-    return paths.integrate(path_scores(forward, targets, config.output), path, rule, chunk=config.chunk)
+    return paths.integrate(score, path, rule, chunk=config.chunk)
 
 
 def integrated_gradients(
