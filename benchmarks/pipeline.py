@@ -6,6 +6,12 @@ and after (the machine may be shared).
 
     python benchmarks/pipeline.py                         # the issue's setting: 64 copies, IG 32 steps
     python benchmarks/pipeline.py --copies 2 --steps 8    # quick
+    python benchmarks/pipeline.py --memory 64,256         # peak host memory of explain over 64 and 256 images
+
+`--memory N1,N2` runs `jaxattr explain` (saliency: the fewest device passes, so the pipeline's own
+buffers are what grows, if anything) in a fresh process per count over N images (copies of the
+samples) and prints each process's peak resident memory: with bounded queues it must not grow
+with the number of images.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,6 +76,31 @@ def cli_seconds_per_image(paths: list[Path], out: Path, batch_size: int, steps: 
     return elapsed / len(paths)
 
 
+def peak_rss_of_explain(paths: list[Path], out: Path, batch_size: int, loaders: int) -> int:
+    """Peak resident bytes of a fresh `jaxattr explain` process over `paths` (saliency)."""
+    argv = [sys.executable, "-c", "import sys; from jaxattr.cli import main; sys.exit(main())", "explain",
+            *map(str, paths), "--model", MODEL, "--method", "saliency", "--out", str(out),
+            "--batch-size", str(batch_size), "--loaders", str(loaders), "--no-compile-cache"]  # each compiles alike
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise SystemExit(f"jaxattr explain failed ({status}): {' '.join(argv[3:8])} ...")
+    return usage.ru_maxrss * 1024  # kilobytes on Linux
+
+
+def memory_check(counts: list[int], batch_size: int, loaders: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="jaxattr-memory-"))
+    try:
+        (work / "in").mkdir()
+        paths = copies(work / "in", -(-max(counts) // 4))
+        peaks = {n: peak_rss_of_explain(paths[:n], work / f"out{n}", batch_size, loaders) for n in counts}
+    finally:
+        shutil.rmtree(work)
+    for n, peak in peaks.items():
+        print(f"explain over {n:5d} images (saliency, batch {batch_size}, {loaders} loaders): peak RSS {peak / 2**20:7.1f} MiB"
+              f"   / first = {peak / peaks[counts[0]]:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=64)
@@ -74,7 +108,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--loaders", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="timed repetitions of the pure compute")
+    parser.add_argument("--memory", metavar="N1,N2", help="instead: peak host memory of explain over N1 and N2 images")
     args = parser.parse_args()
+    if args.memory:
+        memory_check([int(n) for n in args.memory.split(",")], args.batch_size, args.loaders)
+        return
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {MODEL}, integrated_gradients {args.steps} steps, "
           f"batch {args.batch_size}; load average before {load()}")
     device = device_seconds_per_image(args.batch_size, args.steps, args.repeats)
