@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Literal, Protocol, get_args
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,8 @@ from jaxtyping import Array, Float, PyTree
 
 # ---------------------------------------------------------------------------------- quadrature
 
-RULES: tuple[str, ...] = (
+# The rules by name: the type of every config field that names one (the CLI's choices).
+Rule = Literal[
     "gausslegendre",
     "gausslegendre64",
     "riemann_left",
@@ -43,7 +44,8 @@ RULES: tuple[str, ...] = (
     "riemann_trapezoid",
     "pair",
     "igos",
-)
+]
+RULES: tuple[str, ...] = get_args(Rule)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from _images import noise_images
 
 from jaxattr import cli
 from jaxattr.distributed import shard
@@ -58,12 +58,7 @@ def _job(images: Path, out: Path, home: Path) -> list[tuple[int, str]]:
 
 @pytest.fixture
 def images(tmp_path) -> Path:
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
-    return folder
+    return noise_images(tmp_path / "images", 5, (40, 48))
 
 
 def _argv(images: Path, out: Path) -> list[str]:

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
+
+from _images import noise_images
 
 from jaxattr import cli, explain
 from jaxattr.cli import explain as explain_command
@@ -163,11 +164,7 @@ def weights(tmp_path_factory) -> Path:
 @pytest.fixture
 def images(tmp_path) -> Path:
     """Five small images (the last batch of 2 is padded) and a corrupt one."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    folder = noise_images(tmp_path / "images", 5, (20, 28))
     (folder / "im2b.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     return folder
 

@@ -15,8 +15,6 @@ visible only in float64).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 from jaxtyping import Array, Float
 
@@ -26,17 +24,7 @@ from jaxattr.maps import Contrast
 from jaxattr.methods._common import Output, require_model, resolve_targets, straight_image_path
 from jaxattr.methods.base import MethodSpec, register, run_compiled
 from jaxattr.methods.baselines import Baseline, baseline_images, broadcast_baselines
-
-Rule = Literal[
-    "gausslegendre",
-    "gausslegendre64",
-    "riemann_left",
-    "riemann_right",
-    "riemann_middle",
-    "riemann_trapezoid",
-    "pair",
-    "igos",
-]
+from jaxattr.paths import Rule
 
 
 @config
