@@ -12,15 +12,30 @@ once per process whether the cache is in use.
 to a jaxpr, lowering to MLIR, and XLA compilation or its persistent-cache lookup), which is what a
 run reports as its compile time. The persistent cache saves only the XLA compilation: tracing and
 lowering run in every process.
+
+`ProgramStore` removes those too: a program is traced and lowered once per machine and kept as a
+serialised `jax.export.Exported` under a digest of everything its text depends on (the caller's
+description of it, the JAX version, jaxattr's own source, the backend and the numerics flags), so
+a second process deserialises it (milliseconds) and hands the module to XLA, whose compilation the
+persistent cache serves. Small values that also cost a trace (a model's memory per image) are kept
+beside it. A file that cannot be read back (another JAX, a truncated disk) is a miss, never an
+error: the program is exported again and the file replaced.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import threading
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import jax
+import jaxlib
+
+from jaxattr.viz import write_atomically
 
 # jax.monitoring duration events that make up "compile time" (names from jax._src.dispatch).
 COMPILE_EVENTS = frozenset(
@@ -32,15 +47,84 @@ COMPILE_EVENTS = frozenset(
 )
 
 
-def enable_compile_cache(directory: str | os.PathLike) -> Path:
-    """Use `directory` (created if missing) as JAX's persistent compilation cache for every
-    program this process compiles from now on; returns it."""
+def enable_compile_cache(directory: str | os.PathLike) -> "ProgramStore":
+    """Use `directory` (created if missing) as the cache of every program this process compiles
+    from now on: JAX's persistent compilation cache in `directory/xla`, and the `ProgramStore` of
+    exported programs in `directory/programs`, which is returned."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
+    (directory / "xla").mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return directory
+    return ProgramStore(directory / "programs")
+
+
+@functools.cache
+def _source_digest() -> str:
+    """A digest of jaxattr's Python source: a change of the code that builds a program is a new
+    program, even between two runs of the same version number."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _environment() -> dict[str, Any]:
+    """What a traced program depends on besides its own description."""
+    device = jax.local_devices()[0]
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "jaxattr_source": _source_digest(),
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "x64": bool(jax.config.jax_enable_x64),
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
+    }
+
+
+def tree_signature(tree: Any) -> dict[str, Any]:
+    """What a program built around `tree` (a model) depends on: its structure, static fields
+    included, and the shape and dtype of every leaf; not the leaves' values."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return {"structure": str(treedef), "leaves": [(list(jax.numpy.shape(x)), str(jax.numpy.result_type(x))) for x in leaves]}
+
+
+class ProgramStore:
+    """Exported programs and small traced values on disk, one file per digest (see the module
+    docstring). `description` is a JSON-able mapping that tells the program apart from every other
+    one the same code can build (model structure, method settings, shapes); the environment is
+    added to it here."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+
+    def _path(self, description: Mapping[str, Any], suffix: str) -> Path:
+        text = json.dumps({"environment": _environment(), **description}, sort_keys=True, default=str)
+        return self.directory / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}{suffix}"
+
+    def program(self, description: Mapping[str, Any], jitted: Callable, *specs: Any) -> Callable:
+        """`jitted` (a `jax.jit` function) as a compiled-once callable on arguments shaped like
+        `specs`: the stored export when there is one, else exported now and stored."""
+        path = self._path(description, ".jaxexport")
+        try:
+            exported = jax.export.deserialize(bytearray(path.read_bytes()))
+        except Exception:  # missing, or unreadable by this JAX: export again
+            exported = jax.export.export(jitted)(*specs)
+            serialised = exported.serialize()
+            write_atomically(path, lambda f: f.write(serialised))
+        return jax.jit(exported.call)
+
+    def value(self, description: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
+        """compute() (JSON-able), from the store when it holds it."""
+        path = self._path(description, ".json")
+        try:
+            return json.loads(path.read_text())["value"]
+        except (OSError, ValueError, KeyError):
+            value = compute()
+            write_atomically(path, lambda f: f.write(json.dumps({"value": value}).encode()))
+            return value
 
 
 class CompileClock:
@@ -72,3 +156,12 @@ class CompileClock:
 
     def __exit__(self, *exc_info) -> None:
         jax.monitoring.unregister_event_time_span_listener(self._listen)
+
+
+def compile_program(jitted: Callable, *specs: Any, store: ProgramStore | None = None, description: Mapping[str, Any] | None = None) -> Any:
+    """`jitted` (a `jax.jit` function) compiled ahead of time for arguments shaped like `specs`
+    (`jax.ShapeDtypeStruct`s, with their shardings): through `store`, under `description`, when
+    one is given (see `ProgramStore.program`)."""
+    if store is not None:
+        jitted = store.program(description or {}, jitted, *specs)
+    return jitted.lower(*specs).compile()

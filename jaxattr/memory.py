@@ -178,14 +178,23 @@ class Estimate:
 
 
 def estimate(
-    method: Method, model: Any, batch: int, image_shape: tuple[int, ...], dtype: Any = jnp.float32
+    method: Method,
+    model: Any,
+    batch: int,
+    image_shape: tuple[int, ...],
+    dtype: Any = jnp.float32,
+    *,
+    pass_size: int | None = None,
 ) -> Estimate:
-    """Estimated peak memory of `method` on a batch of `batch` images of `image_shape` (h, w, c)."""
+    """Estimated peak memory of `method` on a batch of `batch` images of `image_shape` (h, w, c).
+    `pass_size`: `pass_bytes(model, image_shape, dtype)` when the caller has it (a trace saved)."""
     dtype = jnp.dtype(dtype)
     footprint = method.config.footprint(tuple(image_shape))
     image = math.prod(image_shape) * dtype.itemsize
     params = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(as_forward(model))) * dtype.itemsize
-    per_image = footprint.passes * PASS_OVERHEAD * pass_bytes(model, image_shape, dtype) + IMAGE_COPIES * image
+    if pass_size is None:
+        pass_size = pass_bytes(model, image_shape, dtype)
+    per_image = footprint.passes * PASS_OVERHEAD * pass_size + IMAGE_COPIES * image
     total = PARAMS_COPIES * params + batch * per_image + footprint.fixed_bytes
     return Estimate(int(total), footprint.passes, batch, tuple(image_shape), str(dtype))
 
@@ -222,26 +231,33 @@ def fit(
     dtype: Any = jnp.float32,
     *,
     budget: int | None = None,
+    pass_size: int | None = None,
 ) -> Method:
-    """`method` with the largest chunk sizes that keep the estimate within `budget` (default:
-    `default_budget()`); unchanged if it fits. Raises MemoryEstimateError if it cannot fit."""
+    """`method` with the largest chunk sizes, powers of two, that keep the estimate within `budget`
+    (default: `default_budget()`); unchanged if it fits. Raises MemoryEstimateError if it cannot fit.
+    `pass_size` as for `estimate`."""
     budget = default_budget() if budget is None else budget
-    needed = estimate(method, model, batch, image_shape, dtype)
+    if pass_size is None:
+        pass_size = pass_bytes(model, image_shape, dtype)
+    needs = functools.partial(estimate, pass_size=pass_size)
+    needed = needs(method, model, batch, image_shape, dtype)
     if needed.bytes <= budget:
         return method
     for path in [path for path, value in chunk_fields(method) if value is None]:
         smallest = _with(method, path, 1)
-        if estimate(smallest, model, batch, image_shape, dtype).bytes > budget:
+        if needs(smallest, model, batch, image_shape, dtype).bytes > budget:
             method = smallest  # not enough: one at a time here, and look further in
             continue
         # The largest chunk that fits, by bisection (all passes at once is known not to fit).
-        low, high = 1, estimate(method, model, batch, image_shape, dtype).passes
+        low, high = 1, needs(method, model, batch, image_shape, dtype).passes
         while low < high:
             middle = (low + high + 1) // 2
-            fits = estimate(_with(method, path, middle), model, batch, image_shape, dtype).bytes <= budget
+            fits = needs(_with(method, path, middle), model, batch, image_shape, dtype).bytes <= budget
             low, high = (middle, high) if fits else (low, middle - 1)
-        return _with(method, path, low)
-    final = estimate(method, model, batch, image_shape, dtype)
+        # A power of two: a little less free memory than last time gives the same program, which
+        # the compile cache then serves, and not a chunk of one less.
+        return _with(method, path, 1 << (low.bit_length() - 1))
+    final = needs(method, model, batch, image_shape, dtype)
     raise MemoryEstimateError(
         f"{method.spec.name} needs {final.describe()}, more than the {format_bytes(budget)} available"
     )

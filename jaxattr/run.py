@@ -9,7 +9,8 @@ inputs in fixed-shape batches, per-file keys, resumable output directories, atom
   `valid` mask marking the real rows, so the computation compiles once; hands each real row's
   result to `save`, and rewrites the summary after every batch.
 * `file_keys`: one `jax.random` key per input from the seed and its output name, so a stochastic
-  method gives an input the same result in any batch, resumed or not.
+  method gives an input the same noise, and so the same result up to rounding, in any batch,
+  resumed or not.
 * `output_names`: a unique, printable output name per input that fits the file system's name
   limit with any extension; `check_outputs_apart` keeps outputs from landing on inputs.
 

@@ -121,7 +121,7 @@ def test_a_crash_mid_run_keeps_finished_images_and_a_rerun_resumes(
     (images / "broken.jpg").unlink()
     out = tmp_path / "out"
     calls = []
-    real = explain_command.explain_batch
+    real = explain_command.BatchProgram.__call__
 
     def crash_on_second_batch(*args, **kwargs):
         calls.append(1)
@@ -129,14 +129,14 @@ def test_a_crash_mid_run_keeps_finished_images_and_a_rerun_resumes(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(explain_command, "explain_batch", crash_on_second_batch)
+    monkeypatch.setattr(explain_command.BatchProgram, "__call__", crash_on_second_batch)
     assert _explain([images], out, weights) == 130
     assert "resume" in capsys.readouterr().err
     done = sorted(p.stem for p in out.glob("*.png"))
     assert done == ["grey", "rgb"]  # the first batch, complete
     assert sorted(_summary(out)) == done
     assert [p for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary files
-    monkeypatch.setattr(explain_command, "explain_batch", real)
+    monkeypatch.setattr(explain_command.BatchProgram, "__call__", real)
     assert _explain([images], out, weights) == 0
     assert "2 of 4 images already have outputs" in capsys.readouterr().err
     assert sorted(_summary(out)) == ["grey", "rgb", "rgba", "sixteen"]
@@ -152,11 +152,14 @@ def test_a_stochastic_method_gives_an_image_the_same_map_in_any_batch(images, tm
          "--out", str(tmp_path / "alone"), "--batch-size", "1", *options]
     ) == 0
     together, alone = np.load(tmp_path / "together" / "grey.npy"), np.load(tmp_path / "alone" / "grey.npy")
-    # Same noise; only the convolution's batch size (and so its rounding) differs.
-    np.testing.assert_allclose(together, alone, rtol=0, atol=1e-6 * np.abs(alone).max())
     other_seed = tmp_path / "other-seed"
     assert _explain(files[1:2], other_seed, weights, *options[:-1], "8") == 0
-    assert not np.array_equal(np.load(other_seed / "grey.npy"), alone)
+    # Same noise. Only the program's batch size differs, and with it XLA's fusion of the noise
+    # arithmetic (an ulp here and there, which may flip a ReLU in a few places); other noise
+    # changes nearly every element.
+    apart = lambda a: np.mean(np.abs(a - alone) > 1e-6 * np.abs(alone).max())
+    assert apart(together) < 0.02 and np.abs(together - alone).max() < 0.02 * np.abs(alone).max()
+    assert apart(np.load(other_seed / "grey.npy")) > 0.5
 
 
 def test_other_settings_in_the_same_directory_are_refused(images, tmp_path, weights, capsys):

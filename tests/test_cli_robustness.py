@@ -673,7 +673,7 @@ def test_a_second_ctrl_c_while_saving_is_ignored(weights, tmp_path, monkeypatch)
     out = tmp_path / "out"
     from jaxattr.cli import explain as explain_command
 
-    real_batch, real_write = explain_command.explain_batch, run_module.OutputDir.write_summary
+    real_batch, real_write = explain_command.BatchProgram.__call__, run_module.OutputDir.write_summary
     calls = []
 
     def batch(*args, **kwargs):
@@ -687,7 +687,7 @@ def test_a_second_ctrl_c_while_saving_is_ignored(weights, tmp_path, monkeypatch)
             os.kill(os.getpid(), signal.SIGINT)  # and again while saving
         real_write(self)
 
-    monkeypatch.setattr(explain_command, "explain_batch", batch)
+    monkeypatch.setattr(explain_command.BatchProgram, "__call__", batch)
     monkeypatch.setattr(run_module.OutputDir, "write_summary", write_summary)
     try:
         result = explain(paths, out, weights, "--batch-size", "2")

@@ -43,13 +43,15 @@ def test_the_estimate_bounds_the_compiled_program(model, name, options):
     assert compiled <= estimated <= 32 * compiled, (compiled, estimated)
 
 
-def test_fit_picks_the_largest_chunk_within_the_budget(model):
+def test_fit_picks_the_largest_power_of_two_chunk_within_the_budget(model):
     method = method_spec("integrated_gradients").build(steps=64)
     full = memory.estimate(method, model, BATCH, SHAPE).bytes
     assert memory.fit(method, model, BATCH, SHAPE, budget=full) is method  # fits: unchanged
-    budget = memory.estimate(method_spec("integrated_gradients").build(steps=64, chunk=10), model, BATCH, SHAPE).bytes
-    fitted = memory.fit(method, model, BATCH, SHAPE, budget=budget)
-    assert fitted.config.chunk == 10 and fitted.config.steps == 64
+    needs = lambda chunk: memory.estimate(method_spec("integrated_gradients").build(steps=64, chunk=chunk), model, BATCH, SHAPE).bytes
+    for budget in (needs(8), needs(10), needs(16) - 1):  # the same program for any budget from chunk 8 up to 16
+        fitted = memory.fit(method, model, BATCH, SHAPE, budget=budget)
+        assert fitted.config.chunk == 8 and fitted.config.steps == 64
+    assert memory.fit(method, model, BATCH, SHAPE, budget=needs(16)).config.chunk == 16
     with pytest.raises(memory.MemoryEstimateError, match="needs about .* more than the"):
         memory.fit(method, model, BATCH, SHAPE, budget=1000)
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _devices import report_on_four_devices
 from _images import noise_images
 
 from jaxattr import cli, explain
@@ -194,7 +195,7 @@ def test_pipeline_writes_what_the_sequential_path_writes(images, tmp_path, weigh
 def test_an_interrupted_pipelined_run_resumes(images, tmp_path, weights, monkeypatch, capsys):
     (images / "im2b.jpg").unlink()
     out = tmp_path / "out"
-    calls, real = [], explain_command.explain_batch
+    calls, real = [], explain_command.BatchProgram.__call__
 
     def crash_on_third_batch(*args, **kwargs):
         calls.append(1)
@@ -202,11 +203,11 @@ def test_an_interrupted_pipelined_run_resumes(images, tmp_path, weights, monkeyp
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(explain_command, "explain_batch", crash_on_third_batch)
+    monkeypatch.setattr(explain_command.BatchProgram, "__call__", crash_on_third_batch)
     assert _explain([images], out, weights) == 130
     assert sorted(p.stem for p in out.glob("*.png")) == ["im0", "im1", "im2", "im3"]  # two whole batches
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
-    monkeypatch.setattr(explain_command, "explain_batch", real)
+    monkeypatch.setattr(explain_command.BatchProgram, "__call__", real)
     assert _explain([images], out, weights) == 0
     assert "4 of 5 images already have outputs" in capsys.readouterr().err
     assert _explain([images], tmp_path / "whole", weights) == 0
@@ -281,6 +282,70 @@ def test_the_compile_cache_serves_a_second_process(tmp_path):
     print(f"compile: first process {first:.3f}s, second {second:.3f}s")
     assert hits_first == 0 and hits_second >= 1
     assert any((tmp_path / "cache").iterdir())
+
+
+def test_a_second_process_neither_traces_nor_compiles_the_batch_program(images, tmp_path, weights):
+    """`jaxattr explain` exports its batch program to $JAXATTR_HOME/compile/programs: a second
+    process deserialises it (no trace of the program, XLA's executable from JAX's cache) and
+    writes the same files; an unreadable program file is exported again, with the same result."""
+    (images / "im2b.jpg").unlink()
+    script = textwrap.dedent(
+        """
+        import sys, jax
+        events = []
+        jax.monitoring.register_event_time_span_listener(
+            lambda event, start, end, **kw: events.append(kw.get("fun_name")) if event.endswith("jaxpr_trace_duration") else None)
+        jax.monitoring.register_event_listener(lambda event, **_: events.append("hit") if event.endswith("cache_hits") else None)
+        from jaxattr import cli
+        status = cli.main(sys.argv[1:])
+        print(events.count("program"), events.count("hit"))
+        sys.exit(status)
+        """
+    )
+    env = {**os.environ, "JAXATTR_OFFLINE": "1", "JAXATTR_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+
+    def explain_in_a_process(out: str, *extra: str) -> tuple[int, int]:
+        argv = ["explain", str(images), "--model", "resnet18", "--weights", str(weights), "--batch-size", "2",
+                "--resize", "40", "--crop", "32", "--method", "smoothgrad", "--samples", "2", "--out", str(tmp_path / out), *extra]
+        run = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        traces, hits = map(int, run.stdout.split()[-2:])
+        return traces, hits
+
+    first, second = explain_in_a_process("first"), explain_in_a_process("second")
+    assert first[0] == 1 and second == (0, second[1]) and second[1] >= 1
+    programs = list((tmp_path / "home" / "compile" / "programs").glob("*.jaxexport"))
+    assert len(programs) == 1
+    programs[0].write_bytes(b"truncated")
+    assert explain_in_a_process("third")[0] == 1
+    assert explain_in_a_process("uncached", "--no-compile-cache")[0] == 1
+    files = [_files(tmp_path / out) for out in ("first", "second", "third", "uncached")]
+    assert len(files[0]) == 10 and all(f == files[0] for f in files)
+
+
+def test_explain_splits_its_batches_over_every_local_device(images, tmp_path, weights):
+    """On four devices the CLI's exported batch program is partitioned over them (a batch of 3
+    padded to 4), in the first process and when a second one loads it; the maps equal a
+    one-device run up to XLA's kernels for the per-device batch."""
+    (images / "im2b.jpg").unlink()
+    script = textwrap.dedent(
+        """
+        import os, sys, jax
+        from jaxattr import cli
+        assert len(jax.local_devices()) == 4
+        for out in ("first", "second"):
+            assert cli.main([*sys.argv[1:-1], "--out", os.path.join(sys.argv[-1], out)]) == 0
+        print("REPORT")
+        """
+    )
+    argv = ["explain", str(images), "--model", "resnet18", "--weights", str(weights), "--batch-size", "3",
+            "--resize", "40", "--crop", "32", "--method", "integrated_gradients", "--steps", "4"]
+    report_on_four_devices(script, *argv, str(tmp_path))  # in this test's $JAXATTR_HOME (conftest)
+    assert cli.main([*argv, "--out", str(tmp_path / "one"), "--no-compile-cache"]) == 0
+    for name in ("im0", "im1", "im2", "im3", "im4"):
+        one = np.load(tmp_path / "one" / f"{name}.npy")
+        for out in ("first", "second"):
+            np.testing.assert_allclose(np.load(tmp_path / out / f"{name}.npy"), one, rtol=0, atol=1e-6 * np.abs(one).max())
 
 
 def test_no_compile_cache_leaves_the_cache_directory_alone(images, tmp_path, weights):

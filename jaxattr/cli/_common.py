@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattr import memory
+from jaxattr.compilation import ProgramStore, tree_signature
 from jaxattr.config import ConfigError, literal_choices
 from jaxattr.image import MAX_PIXELS, Preprocessing
 from jaxattr.methods import Method, list_methods, method_spec
@@ -126,11 +127,23 @@ def in_compute_dtype(model: Any, args: argparse.Namespace) -> Any:
 # ------------------------------------------------------------------------------------ memory
 
 
-def fit_memory(method: Method, model: Any, batch: int, image_shape: tuple[int, ...], dtype: Any = jnp.float32) -> Method:
+def fit_memory(
+    method: Method,
+    model: Any,
+    batch: int,
+    image_shape: tuple[int, ...],
+    dtype: Any = jnp.float32,
+    store: ProgramStore | None = None,
+) -> Method:
     """`method` with chunk sizes that fit the memory available (a note on stderr when one is
-    chosen), or a usage error with the estimate when nothing fits."""
+    chosen), or a usage error with the estimate when nothing fits. `store`: keep the model's
+    traced memory per image there, for the next process."""
+    pass_size = None
+    if store is not None:
+        description = {"value": "pass_bytes", "model": tree_signature(model), "image": list(image_shape), "dtype": str(dtype)}
+        pass_size = store.value(description, lambda: memory.pass_bytes(model, image_shape, dtype))
     try:
-        fitted = memory.fit(method, model, batch, image_shape, dtype)
+        fitted = memory.fit(method, model, batch, image_shape, dtype, pass_size=pass_size)
     except memory.MemoryEstimateError as e:
         raise CliError(f"{e}; lower --batch-size or the method's sizes (--steps, --samples), or set --chunk", status=2) from None
     chosen = [

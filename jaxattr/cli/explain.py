@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxattr import distributed, viz
 from jaxattr._files import display_path
@@ -35,7 +36,7 @@ from jaxattr.cli._common import (
     preprocessing,
     seed,
 )
-from jaxattr.compilation import CompileClock, enable_compile_cache
+from jaxattr.compilation import CompileClock, ProgramStore, compile_program, enable_compile_cache, tree_signature
 from jaxattr.config import ConfigError
 from jaxattr.data import imagenet_labels
 from jaxattr.explanation import explain
@@ -59,6 +60,7 @@ from jaxattr.run import (
     run_batches,
     write_now,
 )
+from jaxattr.sharding import BATCH_AXIS, batch_mesh, pad_batch
 
 DEFAULT_MODEL = "efficientnet_lite0"
 DEFAULT_METHOD = "integrated_gradients"
@@ -324,28 +326,83 @@ def uses_keys(method: Method) -> bool:
     return method.stochastic or method.spec.takes_references
 
 
-def explain_batch(
-    model, method: Method, batch: Batch, keys, target, references=None, top_k: int | None = None, devices=None
-) -> list[tuple]:
-    """(attribution, saliency map, class, probability, {extra output: array}) per real row of the
-    batch, as numpy; with `top_k`, the first four with a leading class axis of size K. `devices`:
-    split the batch over them (`jaxattr.explain`)."""
-    arrays = {} if references is None else {"references": references}
-    try:
-        result = explain(model, jnp.asarray(batch.inputs), method, targets=target, top_k=top_k, key=keys, devices=devices, **arrays)
-    except ValueError as e:  # inputs the method cannot take (e.g. a mask larger than the image)
-        raise CliError(f"{method.spec.name}: {e}") from None
-    n = len(batch.items)
-    extras = {name: np.asarray(value[:n]) for name, value in result.extras.items()}
-    return list(
-        zip(
-            np.asarray(result.attributions[:n]),
-            np.asarray(result.maps[:n]),
-            np.asarray(result.targets[:n]),
-            np.asarray(result.probabilities[:n]),
-            [{name: value[i] for name, value in extras.items()} for i in range(n)],
+class BatchProgram:
+    """explain() of one batch as one compiled program, the same for every batch of the run: the
+    model's parameters, the images, the per-image keys and the references are its arguments; the
+    method, the target, --top-k and the extra outputs left out (`unwanted`: never copied to the
+    host) are fixed in it. With `store` it is
+    exported there once per machine (`jaxattr.compilation.ProgramStore`), so a second process
+    neither traces nor compiles it. With `devices` the batch is split over them (padded to a
+    multiple of their count), the parameters replicated. Settings this model cannot take, such as
+    an unknown --layer, are a usage error here, before any image is read."""
+
+    def __init__(self, model, method: Method, batch_size: int, size: int, target: int | None, references,
+                 top_k: int | None, unwanted: frozenset[str], devices, store: ProgramStore | None):
+        leaves, treedef = jax.tree_util.tree_flatten(model)
+        self.rows = batch_size if devices is None else -(-batch_size // len(devices)) * len(devices)
+        self.stochastic = uses_keys(method)
+
+        def program(leaves, images, key_data, references):
+            keys = None if key_data is None else jax.random.wrap_key_data(key_data)
+            arrays = {} if references is None else {"references": references}
+            model = jax.tree_util.tree_unflatten(treedef, leaves)
+            result = explain(model, images, method, targets=target, top_k=top_k, key=keys, **arrays)
+            kept = {name: value for name, value in result.extras.items() if name not in unwanted}
+            return result.attributions, result.maps, result.targets, result.probabilities, kept
+
+        split = whole = None
+        if devices is not None:
+            mesh = batch_mesh(devices)
+            split, whole = NamedSharding(mesh, PartitionSpec(BATCH_AXIS)), NamedSharding(mesh, PartitionSpec())
+        spec = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        key_shape = jax.random.key_data(jax.random.key(0)).shape
+        specs = (
+            [spec(np.shape(leaf), jnp.result_type(leaf), whole) for leaf in leaves],
+            spec((self.rows, size, size, 3), jnp.float32, split),
+            spec((self.rows, *key_shape), jnp.uint32, split) if self.stochastic else None,
+            None if references is None else spec(np.shape(references), jnp.float32, whole),
         )
-    )
+        jitted = jax.jit(program) if devices is None else jax.jit(program, out_shardings=split)
+        description = {
+            "program": "jaxattr explain batch",
+            "model": tree_signature(model),
+            "method": method.to_dict(),
+            "images": [self.rows, size, size, 3],
+            "target": target,
+            "top_k": top_k,
+            "keys": self.stochastic,
+            "references": None if references is None else list(np.shape(references)),
+            "unwanted_extras": sorted(unwanted),
+            "devices": 1 if devices is None else len(devices),
+        }
+        try:
+            self.compiled = compile_program(jitted, *specs, store=store, description=description)
+        except (ValueError, TypeError) as e:
+            raise CliError(f"{method.spec.name} on {model.name}: {e}", status=2) from None
+        self.leaves = jax.device_put(leaves, whole)
+        self.references = None if references is None else jax.device_put(jnp.asarray(references, jnp.float32), whole)
+        self.split = split
+
+    def __call__(self, batch: Batch, keys: jax.Array | None) -> list[tuple]:
+        """(attribution, saliency map, class, probability, {extra output: array}) per real row of
+        the batch, as numpy; with --top-k, the first four with a leading class axis of size K.
+        `keys`: one per row of the batch, when the method draws random numbers."""
+        images = pad_batch(batch.inputs, self.rows)
+        key_data = pad_batch(jax.random.key_data(keys), self.rows) if self.stochastic else None
+        if self.split is not None:
+            images, key_data = jax.device_put((images, key_data), self.split)
+        attributions, maps, classes, probabilities, extras = self.compiled(self.leaves, images, key_data, self.references)
+        n = len(batch.items)
+        extras = {name: np.asarray(value[:n]) for name, value in extras.items()}
+        return list(
+            zip(
+                np.asarray(attributions[:n]),
+                np.asarray(maps[:n]),
+                np.asarray(classes[:n]),
+                np.asarray(probabilities[:n]),
+                [{name: value[i] for name, value in extras.items()} for i in range(n)],
+            )
+        )
 
 
 def _table_row(record: dict) -> tuple[str, ...]:
@@ -376,8 +433,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.inputs and args.list is None:
         raise CliError("the following arguments are required: IMAGES_OR_DIRS (or --list FILE)", status=2)
     process, processes = start_distributed(args)  # before JAX starts its backends
-    if args.compile_cache:  # before anything compiles: JAX decides once per process
-        enable_compile_cache(jaxattr_home() / "compile")
+    # Before anything compiles: JAX decides once per process whether its cache is in use.
+    store = enable_compile_cache(jaxattr_home() / "compile") if args.compile_cache else None
     transform = preprocessing(args, info)
     skipped: list[ImageLoadError] = []
     try:
@@ -428,7 +485,7 @@ def run(args: argparse.Namespace) -> int:
         if processes > 1:
             _start_together(output, process, args.overwrite)
         if todo:
-            for record in _explain_files(todo, names, args, method, target, transform, output, references):
+            for record in _explain_files(todo, names, args, method, target, transform, output, references, store):
                 records[record["output"]] = record
         elif records:
             output.write_summary()
@@ -468,16 +525,10 @@ def _rgb(picture: np.ndarray) -> np.ndarray:
     return picture if picture.ndim == 3 else np.repeat(picture[..., None], 3, axis=-1)
 
 
-def _check_on_model(model, method: Method, batch_size: int, size: int, target: int | None, references) -> None:
-    """Trace the method once on abstract images (nothing runs; the trace is reused): settings this
-    model cannot take, such as an unknown --layer, are a usage error before any work."""
-    keys = file_keys(0, [str(i) for i in range(batch_size)]) if uses_keys(method) else None
-    arrays = {} if references is None else {"references": references}
-    images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
-    try:
-        jax.eval_shape(lambda x: explain(model, x, method, targets=target, key=keys, **arrays).maps, images)
-    except (ValueError, TypeError) as e:
-        raise CliError(f"{method.spec.name} on {model.name}: {e}", status=2) from None
+def _num_classes(model, size: int, store: ProgramStore | None) -> int:
+    """The model's class count (a trace; kept in `store` for the next process)."""
+    count = lambda: int(jax.eval_shape(model, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).shape[-1])
+    return count() if store is None else store.value({"value": "num_classes", "model": tree_signature(model), "size": size}, count)
 
 
 def _load_references(args: argparse.Namespace, method: Method, transform: Preprocessing) -> tuple[list[Path], np.ndarray | None]:
@@ -512,32 +563,33 @@ def _explain_files(
     transform: Preprocessing,
     output: OutputDir,
     references: np.ndarray | None,
+    store: ProgramStore | None,
 ) -> list[dict]:
     size = transform.size
     model = in_compute_dtype(create_model(args.model, weights=args.weights or "pretrained", image_size=size), args)
-    shape = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    num_classes = jax.eval_shape(model, shape).shape[-1]
+    clock = CompileClock()  # the run's compile time: traces, this program, anything compiled in the batches
+    with clock:
+        num_classes = _num_classes(model, size, store)
     if target is not None and not 0 <= target < num_classes:
         raise CliError(f"argument --target: {target} is out of range: {args.model} has {num_classes} classes", status=2)
     batch_size = min(args.batch_size, len(todo))
-    method = fit_memory(method, model, batch_size, (size, size, 3))
-    _check_on_model(model, method, batch_size, size, target, references)
-    output.create()
     if args.top_k and args.top_k > num_classes:
         raise CliError(f"--top-k {args.top_k} is more than the {num_classes} classes of {args.model}")
-    progress = make_progress(len(todo), sys.stderr)
     spec = method.spec
     pictured = [extra for extra in spec.extra_outputs if getattr(args, EXTRA_DEST + extra.flag, False)]
     pictured_extras = {name for extra in spec.extra_outputs for name in extra.uses}  # never saved as .npy
+    unwanted = frozenset(pictured_extras - {name for extra in pictured for name in extra.uses})
     # Every local device (a GPU box's GPUs, a TPU host's cores): the batch is split over them.
     devices = jax.local_devices() if len(jax.local_devices()) > 1 else None
+    with clock:
+        method = fit_memory(method, model, batch_size, (size, size, 3), store=store)
+        program = BatchProgram(model, method, batch_size, size, target, references, args.top_k, unwanted, devices, store)
+    output.create()
+    progress = make_progress(len(todo), sys.stderr)
 
     def compute(batch: Batch[Path]) -> list[tuple]:
-        keys = None
-        if uses_keys(method):  # padded rows repeat the last real row's key
-            keys = file_keys(args.seed, [names[p] for p in batch.items])
-            keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], batch_size - len(batch.items))])
-        return explain_batch(model, method, batch, keys, target, references, args.top_k, devices)
+        keys = file_keys(args.seed, [names[p] for p in batch.items]) if program.stochastic else None
+        return program(batch, keys)
 
     def write_files(png: Path, npy: Path, image: np.ndarray, attribution: np.ndarray, saliency_map: np.ndarray) -> None:
         # Each file is atomic; an image only counts as done once both exist.
@@ -578,7 +630,7 @@ def _explain_files(
         return dataclasses.asdict(ImageRecord(str(path), names[path], "unreadable", message=error.reason))
 
     load = lambda path: load_image(path, transform)
-    with contextlib.ExitStack() as stages, CompileClock() as clock:
+    with contextlib.ExitStack() as stages, clock:
         if args.loaders:  # the pipeline: see jaxattr.run; the same batches as the sequential path
             load = stages.enter_context(Prefetch(todo, load, workers=args.loaders, ahead=2 * batch_size))
             writer = stages.enter_context(BackgroundWriter(depth=2 * batch_size * (args.top_k or 1)))

@@ -194,7 +194,7 @@ def run_compiled(
     `targets` of shape (b, K) explains K classes of every image in one program, vmapped over the
     class axis: attributions (b, K, ...), each class's equal to a run with that class alone (same
     key, so the same noise)."""
-    if jnp.ndim(targets) == 2:
+    if targets is not None and jnp.ndim(targets) == 2:
         check_call(as_forward(model), images, targets, key, several_classes=True)
         one_class = lambda t: run_compiled(compiled, config_class, model, images, t, config=config, key=key, per_image=per_image, **arrays)
         return jax.vmap(one_class, in_axes=1, out_axes=1)(jnp.asarray(targets, jnp.int32))
