@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -63,6 +64,28 @@ def seed(text: str) -> int:
     return value
 
 
+def loader_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of threads, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def host_port(text: str) -> str:
+    """HOST:PORT, an IPv6 host in brackets ([::1]:1234); the text unchanged."""
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:  # a bare IPv6 address: its last group would read as the port
+        host = ""
+    if not (colon and host.strip() and port.isdecimal() and 1 <= int(port) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port in 1..65535 (IPv6: [::1]:1234), got {text!r}")
+    return text
+
+
 def fraction(text: str) -> float:
     try:
         value = float(text)
@@ -81,6 +104,18 @@ def add_preprocessing_options(parser: argparse.ArgumentParser) -> None:
     crop.add_argument("--crop", type=positive_int, metavar="N", help="centre-crop NxN after the resize (the model's input size)")
     crop.add_argument("--no-crop", dest="crop", action="store_const", const=0, help="no crop: resize the whole image to NxN")
     group.add_argument("--interpolation", choices=("bilinear", "bicubic"), help="resize filter (Pillow's, as torchvision)")
+
+
+def add_loaders_option(parser: argparse.ArgumentParser) -> None:
+    """--loaders N: the streaming pipeline's decoding threads (`jaxattr.run.pipeline`)."""
+    parser.add_argument(
+        "--loaders",
+        type=loader_count,
+        default=min(4, os.cpu_count() or 1),
+        metavar="N",
+        help="threads decoding the next batches while one computes (0: decode, compute and write in turn; "
+        "default min(4, CPUs))",
+    )
 
 
 def preprocessing(args: argparse.Namespace, info: ModelInfo) -> Preprocessing:
