@@ -347,6 +347,7 @@ def test_directories_that_cannot_be_compared_are_refused(data, explained, tmp_pa
         (["--metrics", "rise,deletion"], "unknown metric deletion"),
         (["--step", "many"], "expected a number of pixels or one of single, batched"),
         (["--fill", "0.1,0.2"], "expected one value or R,G,B"),
+        (["--loaders", "-1"], "argument --loaders: must be 0 or more, got -1"),
     ]:
         assert _main("evaluate", explained["saliency"], "--out", out, *extra) == 2
         assert message in _errors(capsys)
