@@ -268,6 +268,31 @@ def config_options(method: str) -> list[tuple[str, dict[str, Any], Any]]:
     return options
 
 
+def config_option(method: str, field: str, value: str, text: str) -> tuple[Any, list[str]]:
+    """A --option value (`text`, as given) of `method`'s config field `field`: (the config value,
+    explain's arguments after the field's flag); an unknown field or a value of the wrong type is
+    a usage error naming the option. Values are typed as explain's flags type them; booleans are
+    true/false (yes/no, 1/0, on/off), lists comma-separated."""
+    specs = {name: spec for name, spec, _ in config_options(method)}
+    if field not in specs:
+        raise CliError(f"argument --option {text}: {method} has no option {field}; options: {', '.join(specs) or 'none'}", 2)
+    spec = specs[field]
+    if spec.get("action") is argparse.BooleanOptionalAction:
+        truth = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
+        if value.lower() not in truth:
+            raise CliError(f"argument --option {text}: expected true or false", 2)
+        return truth[value.lower()], []
+    parts = value.split(",") if spec.get("nargs") == "+" else [value]
+    try:
+        typed = [spec["type"](p) for p in parts]
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise CliError(f"argument --option {text}: {e}", 2) from None
+    choices = spec.get("choices")
+    if choices is not None and typed[0] not in choices:
+        raise CliError(f"argument --option {text}: expected one of {', '.join(map(str, choices))}", 2)
+    return (tuple(typed) if spec.get("nargs") == "+" else typed[0]), parts
+
+
 def config_flags(method: str) -> list[str]:
     return [flag(name) for name, _, _ in config_options(method)]
 

@@ -39,7 +39,7 @@ from jaxattr._files import display_path
 from jaxattr.cli._common import (
     CliError,
     add_loaders_option,
-    config_options,
+    config_option,
     flag,
     format_table,
     lookup_model,
@@ -197,21 +197,6 @@ def add_parser(commands) -> None:
 # ------------------------------------------------------------------------------ explaining first
 
 
-def _option_value(spec: dict[str, Any], value: str) -> tuple[Any, list[str]]:
-    """A --option value as the config value and as explain's flag arguments (after the flag)."""
-    if spec.get("action") is argparse.BooleanOptionalAction:
-        truth = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
-        if value.lower() not in truth:
-            raise ValueError("expected true or false")
-        return truth[value.lower()], []
-    parts = value.split(",") if spec.get("nargs") == "+" else [value]
-    typed = [spec["type"](p) for p in parts]  # ValueError / ArgumentTypeError: a bad value
-    choices = spec.get("choices")
-    if choices is not None and typed[0] not in choices:
-        raise ValueError(f"expected one of {', '.join(map(str, choices))}")
-    return (tuple(typed) if spec.get("nargs") == "+" else typed[0]), parts
-
-
 def method_flags(methods: tuple[str, ...], options: list[str]) -> dict[str, list[str]]:
     """--option METHOD.FIELD=VALUE as explain's flags per method, each value checked against the
     method's config (a bad one is a usage error naming the option)."""
@@ -225,13 +210,7 @@ def method_flags(methods: tuple[str, ...], options: list[str]) -> dict[str, list
             raise CliError(f"argument --option: expected METHOD.FIELD=VALUE (e.g. integrated_gradients.steps=16), got {text!r}", 2)
         if method not in flags:
             raise CliError(f"argument --option {text}: {method} is not one of --method {','.join(methods)}", 2)
-        specs = {name: spec for name, spec, _ in config_options(method)}
-        if field not in specs:
-            raise CliError(f"argument --option {text}: {method} has no option {field}; options: {', '.join(specs) or 'none'}", 2)
-        try:
-            typed, arguments = _option_value(specs[field], value)
-        except (ValueError, argparse.ArgumentTypeError) as e:
-            raise CliError(f"argument --option {text}: {e}", 2) from None
+        typed, arguments = config_option(method, field, value, text)
         overrides[method][field] = typed
         if isinstance(typed, bool):
             flags[method].append(flag(field) if typed else "--no-" + flag(field)[2:])
