@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -33,18 +33,23 @@ class Reference:
     reference: str  # what it is compared with, e.g. "captum IntegratedGradients (gausslegendre)"
     tolerance: dict[str, float]  # dtype name -> max_rel_diff allowed
     default_dtype: str = "float32"  # float64 where float32 comparisons are chaotic (see each runner)
+    # The config the runner compares at when given none, where that is not the method's defaults
+    # (settings the reference does not have); `jaxattr crosscheck --option` changes fields of it.
+    config: Any = None
 
 
 _REFERENCES: dict[str, Reference] = {}
 
 
-def reference(method: str, *, reference: str, tolerance: dict[str, float], default_dtype: str = "float32"):
+def reference(
+    method: str, *, reference: str, tolerance: dict[str, float], default_dtype: str = "float32", config: Any = None
+):
     """Decorator registering a runner for `method`."""
 
     def wrap(runner: Runner) -> Runner:
         if method in _REFERENCES:
             raise ValueError(f"a reference for {method!r} is already registered ({_REFERENCES[method].reference})")
-        _REFERENCES[method] = Reference(method, runner, reference, tolerance, default_dtype)
+        _REFERENCES[method] = Reference(method, runner, reference, tolerance, default_dtype, config)
         return runner
 
     return wrap

@@ -14,7 +14,7 @@ inputs in fixed-shape batches, per-file keys, resumable output directories, atom
 * `output_names`: a unique, printable output name per input that fits the file system's name
   limit with any extension; `check_outputs_apart` keeps outputs from landing on inputs.
 
-`Prefetch` and `BackgroundWriter` turn `run_batches` into a streaming pipeline (see below).
+`pipeline` (`Prefetch` and `BackgroundWriter`) turns `run_batches` into a streaming pipeline (see below).
 
 Every file is written atomically (`jaxattr.viz.write_atomically`): an interrupted run leaves
 finished outputs and no half-written file (a killed one may leave hidden temporary files, which
@@ -42,7 +42,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterator, Mapping, Sequence, TextIO, TypeVar
+from typing import Any, Callable, Generic, Iterator, Mapping, NamedTuple, Sequence, TextIO, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -579,6 +579,32 @@ class BackgroundWriter:
 def write_now(task: Callable[[], Any]) -> None:
     """The sequential path's writer: the task runs at once."""
     task()
+
+
+class Stages(NamedTuple):
+    """What `run_batches` takes from the pipeline: `load` (its `load`), `write` (its `after_writes`,
+    and what `save` hands its file writes to), `drain` (its `drain`)."""
+
+    load: Callable[[Any], Any]
+    write: Callable[[Callable[[], Any]], None]
+    drain: Callable[[], None] | None
+
+
+@contextlib.contextmanager
+def pipeline(
+    todo: Sequence[Item], load: Callable[[Item], Any], *, loaders: int, batch_size: int, writes_per_item: int = 1
+) -> Iterator[Stages]:
+    """The stages of a run over `todo` in batches of `batch_size`: with `loaders` threads, `load`
+    runs two batches ahead (`Prefetch`) and up to two batches of writes (`writes_per_item` tasks
+    per input) wait behind (`BackgroundWriter`); with 0, each stage in turn. Both build the same
+    batches and write the same files."""
+    if not loaders:
+        yield Stages(load, write_now, None)
+        return
+    with Prefetch(todo, load, workers=loaders, ahead=2 * batch_size) as prefetched, BackgroundWriter(
+        depth=2 * batch_size * writes_per_item
+    ) as writer:
+        yield Stages(prefetched, writer.submit, writer.close)
 
 
 def read_path_list(path: Path, report: Callable[[str], None]) -> list[Path]:

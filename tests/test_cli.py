@@ -527,6 +527,47 @@ def test_crosscheck_unknown_method_lists_the_checkable_ones(logits_reference, ca
     assert "no PyTorch reference for 'magic'" in err and "test_logits" in err
 
 
+def test_crosscheck_options_configure_both_sides(monkeypatch, capsys):
+    """--option FIELD=VALUE reaches the runner's config: at 4 riemann_right steps both sides agree
+    (a side left at the defaults, 50 gausslegendre steps, would not); bad options are one line."""
+    pytest.importorskip("captum")
+    import dataclasses
+    import functools
+
+    from converters import crosscheck
+    from jaxattr.cli import crosscheck as crosscheck_command
+
+    real = crosscheck.references()["integrated_gradients"]
+    seen = []
+
+    @functools.wraps(real.runner)  # keeps the signature: the runner takes `config=`
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("config"))
+        return real.runner(*args, **kwargs)
+
+    monkeypatch.setitem(crosscheck._REFERENCES, "integrated_gradients", dataclasses.replace(real, runner=spy))
+    argv = ["crosscheck", "integrated_gradients", "--model", "resnet18", "--random-init", "--image-size", "32", "--batch", "1"]
+    assert cli.main([*argv, "--option", "steps=4", "--option", "rule=riemann_right"]) == 0
+    out = capsys.readouterr().out
+    assert "1 random image 32x32, steps=4 rule=riemann_right, vs captum" in out and out.rstrip().endswith(" ok")
+    assert [(c.steps, c.rule) for c in seen] == [(4, "riemann_right")]
+    for method, bad, message in [
+        ("integrated_gradients", "steps=0", "argument --option steps: steps must be an integer >= 1, got 0"),
+        ("integrated_gradients", "nope=1", "integrated_gradients has no option nope; options: steps, rule,"),
+        ("integrated_gradients", "rule=bogus", "argument --option rule=bogus: expected one of gausslegendre,"),
+        ("integrated_gradients", "steps", "expected FIELD=VALUE (e.g. steps=8), got 'steps'"),
+        ("gradcam", "relu=false", "the gradcam reference compares the method's defaults only"),
+    ]:
+        assert cli.main([*argv[:1], method, *argv[2:], "--option", bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert len(seen) == 1
+    # The fields change the config the runner compares at, here IG2's (every reference), not the method's defaults.
+    default, chosen = crosscheck_command._configured(crosscheck.references()["ig2"], ["steps=3"])
+    assert (chosen.config.steps, chosen.config.selection, chosen.config.num_references) == (3, "all", None)
+    assert default.config == dataclasses.replace(chosen.config, steps=default.config.steps)
+
+
 # ---------------------------------------------------------------------------- no torch
 
 

@@ -1,5 +1,6 @@
 """`jaxattr evaluate` end to end on a random-init ResNet-18 and two small images: scores against the
-library called directly (and segmentation against sklearn and hand counts), the report in a
+library called directly (and segmentation against sklearn and hand counts), the streaming pipeline
+against the sequential path (--loaders), the report in a
 headless browser, resuming, explaining first with --method, and bad input (one line, no traceback).
 
 Inputs are 40x48 images through the model's 224 px eval transform; the metrics run with few curve
@@ -66,11 +67,22 @@ def explained(data) -> dict[str, Path]:
     return dirs
 
 
+def _evaluate_all(explained, data, out: Path, loaders: int) -> int:
+    """Both explain directories, every metric (segmentation too), through the pipeline or not."""
+    return _main("evaluate", explained["saliency"], explained["gradcam"], "--out", out, "--masks", data / "masks",
+                 "--loaders", loaders, *FAST)
+
+
 @pytest.fixture(scope="module")
 def evaluated(data, explained) -> Path:
+    """Through the streaming pipeline: maps, images and masks read on two threads, files written on another."""
     out = data / "evaluation"
-    assert _main("evaluate", explained["saliency"], explained["gradcam"], "--out", out, "--masks", data / "masks", *FAST) == 0
+    assert _evaluate_all(explained, data, out, loaders=2) == 0
     return out
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def _per_image(out: Path) -> dict:
@@ -164,12 +176,24 @@ def test_report_in_headless_browser(evaluated, tmp_path):
     assert page.mean_rows == 2 and "mIoU ↑" in page.headers
 
 
+def test_the_pipeline_writes_what_the_sequential_run_writes(data, explained, evaluated):
+    """--loaders 0 (read, score and write in turn) and the pipelined fixture write the same bytes:
+    results, summaries, metrics, the curve plots, the inputs and the report (whose links to the
+    overlays are relative: the two directories are siblings)."""
+    out = data / "evaluation_sequential"
+    assert _evaluate_all(explained, data, out, loaders=0) == 0
+    sequential, pipelined = _files(out), _files(evaluated)
+    assert sequential.keys() == pipelined.keys() and "results/im1.npz" in sequential and "curves_igos_deletion.png" in sequential
+    assert [name for name in sequential if sequential[name] != pipelined[name]] == []
+
+
 # ------------------------------------------------------------------------------- resuming
 
 
 def test_resume_skips_finished_images_and_redoes_the_rest(data, explained, evaluated, tmp_path, capsys):
     out = tmp_path / "ev"
-    argv = ["evaluate", explained["saliency"], explained["gradcam"], "--out", out, "--metrics", "confidence", *FAST]
+    argv = ["evaluate", explained["saliency"], explained["gradcam"], "--out", out, "--metrics", "confidence",
+            "--loaders", "2", *FAST]
     assert _main(*argv) == 0
     before = {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()}
     capsys.readouterr()
@@ -251,6 +275,25 @@ def _copy(source: Path, target: Path) -> Path:
     return target
 
 
+def test_an_unreadable_image_is_recorded_and_skipped_in_the_pipeline(data, explained, tmp_path, capsys):
+    source = _copy(explained["saliency"], tmp_path / "saliency")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    summary = json.loads((source / "summary.json").read_text())
+    summary["images"][0]["file"] = str(broken)  # im0's image, now unreadable
+    (source / "summary.json").write_text(json.dumps(summary))
+    runs = {}
+    for loaders in (2, 0):
+        runs[loaders] = tmp_path / f"ev{loaders}"
+        assert _main("evaluate", source, "--out", runs[loaders], "--metrics", "confidence", "--loaders", loaders, *FAST) == 1
+        assert "skipped unreadable" in _errors(capsys)
+        records = {r["output"]: r for r in json.loads((runs[loaders] / "summary.json").read_text())["images"]}
+        assert records["im0"]["status"] == "unreadable" and "broken.png" in records["im0"]["message"]
+        assert records["im1"]["status"] == "evaluated"
+        assert sorted(p.name for p in (runs[loaders] / "results").iterdir()) == ["im1.npz"]
+    assert _files(runs[2]) == _files(runs[0])
+
+
 def test_bad_maps_are_reported_and_the_rest_go_on(data, explained, tmp_path, capsys):
     """A NaN map (that image reported), a pixel map of another size (resized, said so), a constant map."""
     saliency = _copy(explained["saliency"], tmp_path / "saliency")
@@ -304,6 +347,7 @@ def test_directories_that_cannot_be_compared_are_refused(data, explained, tmp_pa
         (["--metrics", "rise,deletion"], "unknown metric deletion"),
         (["--step", "many"], "expected a number of pixels or one of single, batched"),
         (["--fill", "0.1,0.2"], "expected one value or R,G,B"),
+        (["--loaders", "-1"], "argument --loaders: must be 0 or more, got -1"),
     ]:
         assert _main("evaluate", explained["saliency"], "--out", out, *extra) == 2
         assert message in _errors(capsys)

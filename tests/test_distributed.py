@@ -105,6 +105,18 @@ def test_an_unreachable_coordinator_is_a_clear_error_within_the_timeout(images, 
     assert cli.main([*_argv(images, tmp_path / "out"), "--no-compile-cache", "--process-id", "1"]) == 2  # needs --distributed
 
 
+def test_a_bad_coordinator_address_is_a_usage_error(images, tmp_path, capsys):
+    """HOST:PORT is checked when the arguments are parsed: one line, exit 2, before any runtime starts."""
+    distributed = ["--distributed", "--num-processes", "2", "--process-id", "0", "--coordinator"]
+    for bad in ("nonsense", "host:", ":1234", "host:0", "host:65536", "host:12a", "::1:1234", "[]:1234"):
+        assert cli.main([*_argv(images, tmp_path / "out"), *distributed, bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "argument --coordinator: expected HOST:PORT" in err and repr(bad) in err, err
+    assert not (tmp_path / "out").exists()
+    for good in ("127.0.0.1:1234", "node-0.cluster:65535", "[::1]:1"):
+        assert cli.parse_args([*_argv(images, tmp_path / "out"), *distributed, good]).coordinator == good
+
+
 def test_inconsistent_process_numbers_are_refused_before_jax_starts():
     from jaxattr.distributed import DistributedError, initialize
 

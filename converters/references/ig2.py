@@ -141,6 +141,9 @@ def check_config(config: IG2Config, references: np.ndarray) -> None:
         raise ValueError("the reference reads the input of the final nn.Linear: compare with layer=None")
 
 
+COMPARED = IG2Config(selection="all", num_references=None)  # every reference given, as the reference
+
+
 # float64 by default: fixed-length normalised steps never converge, so float32 differences between
 # torch and XLA grow along the path (spec §2.4); float64 agrees to ~1e-12.
 @reference(
@@ -149,9 +152,10 @@ def check_config(config: IG2Config, references: np.ndarray) -> None:
     "references: the batch's other images)",
     tolerance={"float32": 1e-5, "float64": 1e-10},
     default_dtype="float64",
+    config=COMPARED,
 )
 def ig2_vs_reference(model, torch_model, images, targets, *, config: IG2Config | None = None, references=None):
-    config = config or IG2Config(selection="all", num_references=None)
+    config = config or COMPARED
     references = default_references(images) if references is None else np.asarray(references, images.dtype)
     check_config(config, references)
     ours = ig2(model, images, targets, references=references, config=config)

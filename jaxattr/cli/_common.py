@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -64,6 +65,28 @@ def seed(text: str) -> int:
     return value
 
 
+def loader_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of threads, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def host_port(text: str) -> str:
+    """HOST:PORT, an IPv6 host in brackets ([::1]:1234); the text unchanged."""
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:  # a bare IPv6 address: its last group would read as the port
+        host = ""
+    if not (colon and host.strip() and port.isdecimal() and 1 <= int(port) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port in 1..65535 (IPv6: [::1]:1234), got {text!r}")
+    return text
+
+
 def fraction(text: str) -> float:
     try:
         value = float(text)
@@ -82,6 +105,18 @@ def add_preprocessing_options(parser: argparse.ArgumentParser) -> None:
     crop.add_argument("--crop", type=positive_int, metavar="N", help="centre-crop NxN after the resize (the model's input size)")
     crop.add_argument("--no-crop", dest="crop", action="store_const", const=0, help="no crop: resize the whole image to NxN")
     group.add_argument("--interpolation", choices=("bilinear", "bicubic"), help="resize filter (Pillow's, as torchvision)")
+
+
+def add_loaders_option(parser: argparse.ArgumentParser) -> None:
+    """--loaders N: the streaming pipeline's decoding threads (`jaxattr.run.pipeline`)."""
+    parser.add_argument(
+        "--loaders",
+        type=loader_count,
+        default=min(4, os.cpu_count() or 1),
+        metavar="N",
+        help="threads decoding the next batches while one computes (0: decode, compute and write in turn; "
+        "default min(4, CPUs))",
+    )
 
 
 def preprocessing(args: argparse.Namespace, info: ModelInfo) -> Preprocessing:
@@ -244,6 +279,31 @@ def config_options(method: str) -> list[tuple[str, dict[str, Any], Any]]:
         if spec is not None:
             options.append((field.name, spec, getattr(defaults, field.name)))
     return options
+
+
+def config_option(method: str, field: str, value: str, text: str) -> tuple[Any, list[str]]:
+    """A --option value (`text`, as given) of `method`'s config field `field`: (the config value,
+    explain's arguments after the field's flag); an unknown field or a value of the wrong type is
+    a usage error naming the option. Values are typed as explain's flags type them; booleans are
+    true/false (yes/no, 1/0, on/off), lists comma-separated."""
+    specs = {name: spec for name, spec, _ in config_options(method)}
+    if field not in specs:
+        raise CliError(f"argument --option {text}: {method} has no option {field}; options: {', '.join(specs) or 'none'}", 2)
+    spec = specs[field]
+    if spec.get("action") is argparse.BooleanOptionalAction:
+        truth = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
+        if value.lower() not in truth:
+            raise CliError(f"argument --option {text}: expected true or false", 2)
+        return truth[value.lower()], []
+    parts = value.split(",") if spec.get("nargs") == "+" else [value]
+    try:
+        typed = [spec["type"](p) for p in parts]
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise CliError(f"argument --option {text}: {e}", 2) from None
+    choices = spec.get("choices")
+    if choices is not None and typed[0] not in choices:
+        raise CliError(f"argument --option {text}: expected one of {', '.join(map(str, choices))}", 2)
+    return (tuple(typed) if spec.get("nargs") == "+" else typed[0]), parts
 
 
 def config_flags(method: str) -> list[str]:

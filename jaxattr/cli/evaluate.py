@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import io
 import json
@@ -35,7 +36,16 @@ import numpy as np
 from jaxattr import viz
 from jaxattr.cli import explain
 from jaxattr._files import display_path
-from jaxattr.cli._common import CliError, config_options, flag, format_table, lookup_model, positive_int, seed
+from jaxattr.cli._common import (
+    CliError,
+    add_loaders_option,
+    config_option,
+    flag,
+    format_table,
+    lookup_model,
+    positive_int,
+    seed,
+)
 from jaxattr.config import ConfigError
 from jaxattr.evaluation import (
     DEFAULT_METRICS,
@@ -56,7 +66,7 @@ from jaxattr.methods.igos import MASK_OUTPUT, igos_baselines
 from jaxattr.metrics import DEFAULT_CHUNK, RISE_STEPS, binary_mask, segmentation
 from jaxattr.models import create_model
 from jaxattr.report import method_records, write_report
-from jaxattr.run import SUMMARY_JSON, Batch, OutputDir, Progress, RunError, check_outputs_apart, run_batches
+from jaxattr.run import SUMMARY_JSON, Batch, OutputDir, Progress, RunError, check_outputs_apart, pipeline, run_batches
 
 EVALUATED = "evaluated"
 INCOMPLETE = "incomplete"  # some method's map could not be scored (missing, NaN/inf); retried on a re-run
@@ -163,6 +173,7 @@ def add_parser(commands) -> None:
     ev.add_argument("--threshold", type=float, metavar="X",
                     help="masks with other values: foreground = value > X (default: masks must be binary)")
     ev.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)")
+    add_loaders_option(ev)
     ev.add_argument("--overwrite", action="store_true", help="recompute finished images (and, with --method, their maps)")
     ev.add_argument("--embed-images", action="store_true",
                     help="embed the report's images in report.html (one file that travels alone)")
@@ -186,21 +197,6 @@ def add_parser(commands) -> None:
 # ------------------------------------------------------------------------------ explaining first
 
 
-def _option_value(spec: dict[str, Any], value: str) -> tuple[Any, list[str]]:
-    """A --option value as the config value and as explain's flag arguments (after the flag)."""
-    if spec.get("action") is argparse.BooleanOptionalAction:
-        truth = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
-        if value.lower() not in truth:
-            raise ValueError("expected true or false")
-        return truth[value.lower()], []
-    parts = value.split(",") if spec.get("nargs") == "+" else [value]
-    typed = [spec["type"](p) for p in parts]  # ValueError / ArgumentTypeError: a bad value
-    choices = spec.get("choices")
-    if choices is not None and typed[0] not in choices:
-        raise ValueError(f"expected one of {', '.join(map(str, choices))}")
-    return (tuple(typed) if spec.get("nargs") == "+" else typed[0]), parts
-
-
 def method_flags(methods: tuple[str, ...], options: list[str]) -> dict[str, list[str]]:
     """--option METHOD.FIELD=VALUE as explain's flags per method, each value checked against the
     method's config (a bad one is a usage error naming the option)."""
@@ -214,13 +210,7 @@ def method_flags(methods: tuple[str, ...], options: list[str]) -> dict[str, list
             raise CliError(f"argument --option: expected METHOD.FIELD=VALUE (e.g. integrated_gradients.steps=16), got {text!r}", 2)
         if method not in flags:
             raise CliError(f"argument --option {text}: {method} is not one of --method {','.join(methods)}", 2)
-        specs = {name: spec for name, spec, _ in config_options(method)}
-        if field not in specs:
-            raise CliError(f"argument --option {text}: {method} has no option {field}; options: {', '.join(specs) or 'none'}", 2)
-        try:
-            typed, arguments = _option_value(specs[field], value)
-        except (ValueError, argparse.ArgumentTypeError) as e:
-            raise CliError(f"argument --option {text}: {e}", 2) from None
+        typed, arguments = config_option(method, field, value, text)
         overrides[method][field] = typed
         if isinstance(typed, bool):
             flags[method].append(flag(field) if typed else "--no-" + flag(field)[2:])
@@ -247,7 +237,8 @@ def explain_first(args: argparse.Namespace) -> list[Path]:
     for method in args.method:
         directory = args.out / EXPLAIN_DIR / method
         argv = ["explain", "--method", method, "--out", str(directory), "--model", args.model or explain.DEFAULT_MODEL,
-                "--batch-size", str(args.batch_size), "--seed", str(args.seed or 0), *flags[method]]
+                "--batch-size", str(args.batch_size), "--loaders", str(args.loaders), "--seed", str(args.seed or 0),
+                *flags[method]]
         argv += ["--weights", args.weights] if args.weights else []
         argv += ["--target", args.target] if args.target is not None else []
         argv += ["--recursive"] * args.recursive + ["--overwrite"] * args.overwrite
@@ -572,7 +563,9 @@ def _evaluate_images(todo, sources: list[Source], groups, transform: Preprocessi
     fill = None if args.fill is None else np.asarray(args.fill, np.float32)
     kernel = igos_kernel(sources)
 
-    def load(item: tuple[str, Path]) -> dict[str, Any]:
+    def read(item: tuple[str, Path]) -> tuple[dict[str, Any], list[str], list[str]]:
+        """(the image's row of the batch, what could not be scored, what was adapted); on a loader
+        thread in the pipeline, so it only reads."""
         name, file = item
         original = open_image(file)
         try:
@@ -581,19 +574,24 @@ def _evaluate_images(todo, sources: list[Source], groups, transform: Preprocessi
             raise ImageLoadError(file, str(e)) from None
         row: dict[str, Any] = {"image": image, "maps": [], "cells": [], "targets": []}
         truth = None if masks is None else load_truth(masks, args.masks, name, file, original.size, transform, args.threshold)
-        problems[name], notes[name] = [], []
+        its_problems, its_notes = [], []
         for source in sources:
             saliency_map, cells, target, problem, note = source_inputs(source, name, image.shape[:2], args.mask_size)
             row["maps"].append(saliency_map)
             row["cells"].append(cells)
             row["targets"].append(target)
-            for kept, text in ((problems[name], problem), (notes[name], note)):
-                if text:
-                    kept.append(text)
-                    progress.note(text)
+            its_problems += [problem] if problem else []
+            its_notes += [note] if note else []
         row["targets"] = np.asarray(row["targets"], np.int32)
         if truth is not None:
             row["truth"] = truth
+        return row, its_problems, its_notes
+
+    def load(item: tuple[str, Path]) -> dict[str, Any]:
+        """`read` (prefetched in the pipeline), its problems and notes kept and shown in input order."""
+        row, problems[item[0]], notes[item[0]] = stages.load(item)
+        for text in problems[item[0]] + notes[item[0]]:
+            progress.note(text)
         return row
 
     def compute(batch: Batch) -> list[list[dict]]:
@@ -612,11 +610,14 @@ def _evaluate_images(todo, sources: list[Source], groups, transform: Preprocessi
             per_source.append(result_rows(results, len(batch.items)))
         return [[rows[r] for rows in per_source] for r in range(len(batch.items))]
 
+    def write_files(name: str, image: np.ndarray, payload: dict[str, np.ndarray]) -> None:
+        viz.save_png(args.out / INPUTS_DIR / f"{name}.png", image)
+        viz.write_atomically(_results_path(args.out, name), lambda f: np.savez(f, **payload))
+
     def save(item: tuple[str, Path], inputs: dict[str, Any], rows: list[dict]) -> dict:
         name, file = item
-        viz.save_png(args.out / INPUTS_DIR / f"{name}.png", inputs["image"])
         payload = {f"{i}.{key}": value for i, row in enumerate(rows) for key, value in row.items()}
-        viz.write_atomically(_results_path(args.out, name), lambda f: np.savez(f, **payload))
+        stages.write(functools.partial(write_files, name, inputs["image"], payload))  # an image is done once both exist
         record: dict[str, Any] = {"file": str(file), "output": name, "status": EVALUATED, "message": ""}
         failed = problems.pop(name, [])
         for source, row in zip(sources, rows):
@@ -630,12 +631,11 @@ def _evaluate_images(todo, sources: list[Source], groups, transform: Preprocessi
         return record
 
     def unreadable(item: tuple[str, Path], error: ImageLoadError) -> dict:
-        problems.pop(item[0], None)
-        notes.pop(item[0], None)
         return {"file": str(item[1]), "output": item[0], "status": "unreadable", "message": str(error)}
 
-    run_batches(todo, batch_size=batch_size, load=load, compute=compute, save=save, unreadable=unreadable,
-                output=output, progress=progress)
+    with pipeline(todo, read, loaders=args.loaders, batch_size=batch_size) as stages:
+        run_batches(todo, batch_size=batch_size, load=load, compute=compute, save=save, unreadable=unreadable,
+                    output=output, progress=progress, after_writes=stages.write, drain=stages.drain)
 
 
 def _load_results(out: Path, names: list[str], count: int) -> list[dict[str, Any]]:

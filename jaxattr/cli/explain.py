@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
 import functools
@@ -23,6 +22,7 @@ from jaxattr.cli._common import (
     CliError,
     add_config_options,
     add_dtype_option,
+    add_loaders_option,
     add_preprocessing_options,
     config_error,
     config_flags,
@@ -30,6 +30,7 @@ from jaxattr.cli._common import (
     fit_memory,
     format_table,
     fraction,
+    host_port,
     in_compute_dtype,
     lookup_model,
     positive_int,
@@ -45,10 +46,8 @@ from jaxattr.methods import Method, list_methods, method_spec
 from jaxattr.models import create_model
 from jaxattr.models.registry import jaxattr_home
 from jaxattr.run import (
-    BackgroundWriter,
     Batch,
     OutputDir,
-    Prefetch,
     RunError,
     check_no_input_overwritten,
     check_outputs_apart,
@@ -56,9 +55,9 @@ from jaxattr.run import (
     make_progress,
     output_names,
     outputs_complete,
+    pipeline,
     read_path_list,
     run_batches,
-    write_now,
 )
 from jaxattr.sharding import BATCH_AXIS, batch_mesh, pad_batch
 
@@ -180,14 +179,7 @@ def add_throughput_options(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="explain each image's K most probable classes in one program; writes <name>.class<C>.png/.npy per class",
     )
-    parser.add_argument(
-        "--loaders",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        metavar="N",
-        help="threads decoding the next batches while one computes (0: decode, compute and write in turn; "
-        "default min(4, CPUs))",
-    )
+    add_loaders_option(parser)
     parser.add_argument(
         "--compile-cache",
         action=argparse.BooleanOptionalAction,
@@ -206,7 +198,7 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
         "(Cloud TPU pods, SLURM, Open MPI, Kubernetes).",
     )
     group.add_argument("--distributed", action="store_true", help="run as one process of a multi-process job")
-    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+    group.add_argument("--coordinator", type=host_port, metavar="HOST:PORT", help="address of process 0's coordinator")
     group.add_argument("--num-processes", type=positive_int, metavar="N", help="number of processes")
     group.add_argument("--process-id", type=int, metavar="K", help="this process's index, 0 to N-1")
     group.add_argument(
@@ -428,8 +420,6 @@ def run(args: argparse.Namespace) -> int:
     for extra in method.spec.extra_outputs:
         if args.top_k and getattr(args, EXTRA_DEST + extra.flag, False):
             raise CliError(f"--{extra.flag} writes one class per image: drop --top-k", status=2)
-    if args.loaders < 0:
-        raise CliError(f"argument --loaders: must be 0 or more, got {args.loaders}", status=2)
     if not args.inputs and args.list is None:
         raise CliError("the following arguments are required: IMAGES_OR_DIRS (or --list FILE)", status=2)
     process, processes = start_distributed(args)  # before JAX starts its backends
@@ -629,14 +619,10 @@ def _explain_files(
     def unreadable(path: Path, error: ImageLoadError) -> dict:
         return dataclasses.asdict(ImageRecord(str(path), names[path], "unreadable", message=error.reason))
 
-    load = lambda path: load_image(path, transform)
-    with contextlib.ExitStack() as stages, clock:
-        if args.loaders:  # the pipeline: see jaxattr.run; the same batches as the sequential path
-            load = stages.enter_context(Prefetch(todo, load, workers=args.loaders, ahead=2 * batch_size))
-            writer = stages.enter_context(BackgroundWriter(depth=2 * batch_size * (args.top_k or 1)))
-            write, drain = writer.submit, writer.close
-        else:
-            write, drain = write_now, None
+    stages = pipeline(
+        todo, lambda path: load_image(path, transform), loaders=args.loaders, batch_size=batch_size, writes_per_item=args.top_k or 1
+    )
+    with stages as (load, write, drain), clock:
         start = time.monotonic()
         records = run_batches(
             todo,
