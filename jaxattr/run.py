@@ -71,6 +71,7 @@ MAX_NAME_BYTES = 160
 _HASH_CHARS = 12
 
 Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 class RunError(Exception):
@@ -419,8 +420,6 @@ class Batch(Generic[Item]):
 # process's SIGINT) sets a flag that the main thread only sees when it runs Python code.
 _WAKE_SECONDS = 0.05
 
-Result = TypeVar("Result")
-
 
 class _Call(threading.Thread):
     """function() on a daemon thread, its result or exception kept for the waiting thread. Daemon:
@@ -457,7 +456,8 @@ def call_interruptibly(function: Callable[[], Result]) -> Result:
         pass
     call.join()  # the thread is ending: `computing_abandoned` sees only abandoned calls
     if call.error is not None:
-        raise call.error
+        error, call.error = call.error, None
+        raise error
     return call.result
 
 
@@ -491,7 +491,8 @@ def run_batches(
     files exist; `drain()` waits for every handed-over write (the writer's `close`), raising its
     failure. The summary is rewritten after every batch, so an interrupted run keeps the records
     of its finished inputs. `compute` runs on another thread (`call_interruptibly`): an interrupt
-    stops the run during a batch, abandoning it."""
+    stops the run during a batch, abandoning it; thread-local JAX settings of the caller do not
+    reach `compute`."""
     after_writes = after_writes or write_now
     records = []
     try:
