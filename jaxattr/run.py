@@ -16,6 +16,12 @@ inputs in fixed-shape batches, per-file keys, resumable output directories, atom
 
 `pipeline` (`Prefetch` and `BackgroundWriter`) turns `run_batches` into a streaming pipeline (see below).
 
+A batch's computation (one compiled XLA call, its compile on the first batch) can run for minutes
+inside native code, where Python runs no signal handler; `run_batches` runs it on a daemon thread
+(`call_interruptibly`), so Ctrl-C or SIGTERM stops the run at once: the batch is abandoned (a
+resume recomputes it). A program that ends while such a call still runs must end with `os._exit`
+(`computing_abandoned`; see `jaxattr.cli.entry`).
+
 Every file is written atomically (`jaxattr.viz.write_atomically`): an interrupted run leaves
 finished outputs and no half-written file (a killed one may leave hidden temporary files, which
 the next run into the directory removes). The summary is merged into the one on disk under an
@@ -66,6 +72,7 @@ MAX_NAME_BYTES = 160
 _HASH_CHARS = 12
 
 Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 class RunError(Exception):
@@ -410,6 +417,58 @@ class Batch(Generic[Item]):
         self.items, self.inputs, self.valid = items, inputs, valid
 
 
+# How often the waiting thread wakes: a signal delivered to another thread (any thread may get a
+# process's SIGINT) sets a flag that the main thread only sees when it runs Python code.
+_WAKE_SECONDS = 0.05
+
+
+class _Call(threading.Thread):
+    """function() on a daemon thread, its result or exception kept for the waiting thread. Daemon:
+    the interpreter does not wait at exit for a call the waiting thread abandoned."""
+
+    def __init__(self, function: Callable[[], Any]):
+        super().__init__(name="jaxattr-compute", daemon=True)
+        self._function = function
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self._function()
+        except BaseException as e:  # raised again in the waiting thread
+            self.error = e
+        finally:
+            self._function = None
+            self.done.set()
+
+
+def call_interruptibly(function: Callable[[], Result]) -> Result:
+    """function() run on a daemon thread while this thread waits in short, interruptible waits: a
+    signal handler of the main thread (Ctrl-C, `jaxattr.cli`'s SIGTERM) runs, and may raise, at
+    once, even while `function` is inside one long native call (an XLA computation or compile),
+    where Python would run no handler until the call returned. An exception raised in this thread
+    abandons the call, which runs on (`computing_abandoned`). function()'s own exception is raised
+    here unchanged. Thread-local JAX settings (`with jax.default_matmul_precision(...)`) of the
+    calling thread do not reach `function`: it enters those it needs itself."""
+    call = _Call(function)
+    call.start()
+    while not call.done.wait(_WAKE_SECONDS):
+        pass
+    call.join()  # the thread is ending: `computing_abandoned` sees only abandoned calls
+    if call.error is not None:
+        error, call.error = call.error, None
+        raise error
+    return call.result
+
+
+def computing_abandoned() -> bool:
+    """Whether a `call_interruptibly` call abandoned by its waiting thread still runs. Ending the
+    interpreter normally while it is inside XLA aborts the process (C++ runtime torn down under a
+    running computation): a program then ends with os._exit after flushing its output."""
+    return any(isinstance(thread, _Call) and thread.is_alive() for thread in threading.enumerate())
+
+
 def run_batches(
     todo: Sequence[Item],
     *,
@@ -432,7 +491,9 @@ def run_batches(
     done (the writer's `submit`; default: at once), so an input enters the summary only when its
     files exist; `drain()` waits for every handed-over write (the writer's `close`), raising its
     failure. The summary is rewritten after every batch, so an interrupted run keeps the records
-    of its finished inputs."""
+    of its finished inputs. `compute` runs on another thread (`call_interruptibly`): an interrupt
+    stops the run during a batch, abandoning it; thread-local JAX settings of the caller do not
+    reach `compute`."""
     after_writes = after_writes or write_now
     records = []
     try:
@@ -449,7 +510,10 @@ def run_batches(
             if loaded:
                 items = [item for item, _ in loaded]
                 inputs, valid = stack_padded([inputs for _, inputs in loaded], batch_size)
-                results = compute(Batch(items, inputs, valid))
+                batch = Batch(items, inputs, valid)
+                # Ready before it returns: an asynchronously dispatched result would otherwise be
+                # waited for by `save`'s conversion to numpy, in this thread, uninterruptibly.
+                results = call_interruptibly(lambda: jax.block_until_ready(compute(batch)))
                 for (item, inputs), result in zip(loaded, results, strict=True):
                     records.append(dict(save(item, inputs, result)))
                     after_writes(functools.partial(output.record, records[-1]))
@@ -487,7 +551,7 @@ def _save_what_is_finished(output: OutputDir, drain: Callable[[], None] | None) 
 # batches and compute the same results:
 #   * `Prefetch`: `load` of the next items on worker threads, in input order, at most `ahead`
 #     items in flight or waiting (memory does not grow with the number of inputs);
-#   * the current batch's compute on the calling thread (XLA releases the GIL);
+#   * the current batch's compute on its own thread (`call_interruptibly`; XLA releases the GIL);
 #   * `BackgroundWriter`: the previous batch's output files written on one thread, in order, with a
 #     bounded queue.
 # Threads rather than a data-loading library: decoding is Pillow plus numpy (both release the

@@ -40,7 +40,7 @@ from jaxattr.models.weights import save_params
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--model", "resnet18", "--crop", "32"]  # the model runs at 32x32 (resize 36, crop 32)
-MAIN = "import sys; from jaxattr.cli import main; sys.exit(main(sys.argv[1:]))"
+MAIN = "from jaxattr.cli import entry; entry()"  # the `jaxattr` program
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -63,6 +63,7 @@ def child_env(tmp_path_factory) -> dict[str, str]:
         "JAXATTR_OFFLINE": "1",
         "JAX_PLATFORMS": "cpu",
         "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+        "JAXATTR_HOME": str(tmp_path_factory.mktemp("jaxattr-home")),  # explain's compile cache
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla-cache")),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
@@ -664,6 +665,51 @@ def test_interrupt_then_resume_gives_identical_outputs(how, interrupted_inputs, 
     assert _outputs(out) == _outputs(uninterrupted)  # bit-identical
     assert len(summary(out)) == len(interrupted_inputs)
     assert not temporaries(out)
+
+
+def _records(out: Path) -> int:
+    return len(summary(out)) if (out / "summary.json").exists() else 0  # written atomically
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_stops_the_run_during_a_batch(signum, status, weights, child_env, tmp_path):
+    """A batch is one XLA call, native code in which Python runs no signal handler: the signal must
+    still end the run at once, abandoning the batch, not when the batch is done. Three images,
+    one per batch: the second batch's time is the yardstick, the signal comes a quarter of the
+    way into the third, and the run must end within half a batch's time (waiting for the batch
+    would take three quarters). The two finished images keep their records; a re-run resumes."""
+    paths = _images(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    argv = ["explain", *map(str, paths), *SMALL, "--weights", str(weights), "--out", str(out),
+            "--method", INTERRUPT_METHOD, "--batch-size", "1", "--steps", "128"]
+    proc = child(argv, child_env)
+    try:
+        done_at = []
+        for n in (1, 2):
+            wait_for(lambda: _records(out) >= n)
+            done_at.append(time.monotonic())
+        batch_seconds = done_at[1] - done_at[0]
+        time.sleep(batch_seconds / 4)
+        assert proc.poll() is None and _records(out) == 2, "the third batch ended too soon to be interrupted"
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    err = stderr.decode(errors="replace")
+    assert proc.returncode == status and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("jaxattr: interrupted"), err[-1000:]
+    assert took < batch_seconds / 2, f"exited {took:.2f}s after the signal; a batch takes {batch_seconds:.2f}s"
+    assert set(summary(out)) == finished(out) == {"img00", "img01"}
+    assert_nothing_lost(out)
+    if signum == signal.SIGINT:  # one resume is enough: the resumes above check the outputs
+        resumed = child(argv, child_env)
+        stdout, stderr = resumed.communicate(timeout=300)
+        said = (stdout + stderr).decode(errors="replace")
+        assert resumed.returncode == 0 and "1 explained, 2 already done" in said, said[-3000:]
+        assert set(summary(out)) == finished(out) == {"img00", "img01", "img02"}
+        assert not temporaries(out)
 
 
 def test_a_second_ctrl_c_while_saving_is_ignored(weights, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ the streaming pipeline of `jaxattr explain` (same outputs as the sequential path
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,7 @@ from jaxattr.cli import explain as explain_command
 from jaxattr.image import ImageLoadError, load_image
 from jaxattr.models import create_model, model_info
 from jaxattr.models.weights import save_params
-from jaxattr.run import BackgroundWriter, Prefetch, read_path_list
+from jaxattr.run import BackgroundWriter, Prefetch, call_interruptibly, computing_abandoned, read_path_list
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,6 +142,54 @@ def test_background_writer_keeps_order_and_reports_a_failure():
     with pytest.raises(OSError, match="No space"):
         writer.close()
     assert "after" not in done  # nothing runs after a failure
+
+
+def test_call_interruptibly_returns_the_result_or_raises_the_exception_unchanged():
+    assert call_interruptibly(lambda: 42) == 42
+    for error in (ValueError("a mask larger than the image"), MemoryError(), KeyboardInterrupt()):
+        def fail():
+            raise error
+
+        with pytest.raises(type(error)) as raised:
+            call_interruptibly(fail)
+        assert raised.value is error
+    assert not computing_abandoned()  # every call's thread has ended
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_signal_handler_stops_the_wait_for_a_running_xla_call():
+    """The waiting thread runs its signal handler while the call is inside XLA (held there by a host
+    callback until released); the call is abandoned and runs on. Were the call made in the main
+    thread, the handler would run only after XLA returned, and nothing would be abandoned."""
+    release = threading.Event()
+
+    def held(x):
+        release.wait(10)  # bounded: a broken mechanism fails the test rather than hanging it
+        return x
+
+    computation = jax.jit(lambda x: jax.pure_callback(held, jax.ShapeDtypeStruct((), jnp.float32), x) + 1)
+
+    def stop(signum, frame):
+        raise _Stop
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    signal_soon = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1))  # sent from another thread
+    try:
+        signal_soon.start()
+        with pytest.raises(_Stop):
+            call_interruptibly(lambda: jax.block_until_ready(computation(jnp.float32(1))))
+        assert computing_abandoned() and not release.is_set()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        signal_soon.join()
+        release.set()
+    deadline = time.monotonic() + 30
+    while computing_abandoned() and time.monotonic() < deadline:  # the released call ends
+        time.sleep(0.01)
+    assert not computing_abandoned()
 
 
 def test_read_path_list_reports_and_skips_missing_paths(tmp_path):

@@ -1,11 +1,13 @@
 """The `jaxattr` command line: one module per command (`explain`, `evaluate`, `bench`, `models`,
 `convert`, `crosscheck`), each with `add_parser` and `run(args) -> exit status`.
 
-`main(argv) -> exit status`. PyTorch is imported only by `convert --verify/--random-init` and by
-`crosscheck` (through the `converters` package), so `jaxattr explain` runs on the core install.
+`main(argv) -> exit status`; `entry()` is the program (`main()`, then exit). PyTorch is imported
+only by `convert --verify/--random-init` and by `crosscheck` (through the `converters` package), so
+`jaxattr explain` runs on the core install.
 Every failure a user can cause is one line on stderr (`jaxattr: error: ...`, exit 1) or a usage
 error (exit 2); an interrupted run (Ctrl-C: 130, SIGTERM: 143) saves the records of what it
-finished, ignores further interrupts while it does, and resumes when run again.
+finished, ignores further interrupts while it does, and resumes when run again. An interrupt stops
+a run at once, even during a batch's minutes-long XLA call (`jaxattr.run.call_interruptibly`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import os
 import signal
 import sys
 import threading
-from typing import Iterator, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 from jaxattr.cli import bench, convert, crosscheck, evaluate, explain, models
 from jaxattr.cli._common import CliError
 from jaxattr.methods import list_methods
 from jaxattr.models import WeightsError
-from jaxattr.run import RunError
+from jaxattr.run import RunError, computing_abandoned
 
 
 class _Parser(argparse.ArgumentParser):
@@ -146,3 +148,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = 128 + getattr(e, "signum", signal.SIGINT)
         _report("\njaxattr: interrupted; finished outputs are kept, run the same command to resume")
         return status
+
+
+def entry() -> NoReturn:
+    """The `jaxattr` program: `main()` on the command line, then exit with its status. After an
+    interrupt during a batch, the batch's XLA call still runs on a daemon thread, and a normal
+    interpreter exit under it aborts the process (status 134, "terminate called ..."): the
+    process then ends at once with os._exit, its output flushed (the summary is already written)."""
+    status = main()
+    if computing_abandoned():
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # closed or broken: nothing more to say
+                stream.flush()
+        os._exit(status)
+    sys.exit(status)
