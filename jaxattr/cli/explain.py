@@ -49,6 +49,7 @@ from jaxattr.run import (
     Batch,
     OutputDir,
     RunError,
+    call_interruptibly,
     check_no_input_overwritten,
     check_outputs_apart,
     file_keys,
@@ -573,7 +574,10 @@ def _explain_files(
     devices = jax.local_devices() if len(jax.local_devices()) > 1 else None
     with clock:
         method = fit_memory(method, model, batch_size, (size, size, 3), store=store)
-        program = BatchProgram(model, method, batch_size, size, target, references, args.top_k, unwanted, devices, store)
+        # Minutes for a large method: compiled on a worker thread, so Ctrl-C stops it at once.
+        program = call_interruptibly(
+            lambda: BatchProgram(model, method, batch_size, size, target, references, args.top_k, unwanted, devices, store)
+        )
     output.create()
     progress = make_progress(len(todo), sys.stderr)
 
