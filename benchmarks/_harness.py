@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 
 def load() -> str:
@@ -26,33 +26,40 @@ class Rounds(NamedTuple):
     """What `timed_rounds` measured, keyed by implementation name."""
 
     results: dict[str, Any]  # each run's return value (from the last round)
-    seconds: dict[str, float]  # best wall seconds over the rounds
-    cpu_seconds: dict[str, float]  # this process's CPU seconds (all threads) in that best round
+    seconds: dict[str, float]  # wall seconds of the kept round (the best, or the median)
+    cpu_seconds: dict[str, float]  # this process's CPU seconds (all threads) in that round
 
 
 def timed_rounds(
-    runs: dict[str, Callable[[], Any]], repeats: int, *, warmup: int = 0, progress: bool = False
+    runs: dict[str, Callable[[], Any]],
+    repeats: int,
+    *,
+    warmup: int = 0,
+    progress: bool = False,
+    keep: Literal["best", "median"] = "best",
 ) -> Rounds:
     """Time `repeats` rounds, each running every implementation once, in the dict's order.
 
     The rounds interleave the implementations, so a change in the load of a shared machine hits all
-    of them alike, and the best round is each one's undisturbed time. The CPU seconds of that round
-    say what each side costs whatever the load (wall seconds: what a user waits). `warmup` untimed
-    rounds run first (first-call setup of kernels and caches); `progress` prints every timed run."""
+    of them alike. `keep`: which round's time each implementation reports, its best (the
+    undisturbed time) or its median (steadier when comparing variants of one implementation on a
+    busy machine: one lucky round does not decide). The CPU seconds of that round say what each
+    side costs whatever the load (wall seconds: what a user waits). `warmup` untimed rounds run
+    first (first-call setup of kernels and caches); `progress` prints every timed run."""
     for _ in range(warmup):
         for run in runs.values():
             run()
-    results, seconds, cpu_seconds = {}, dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, float("inf"))
+    results, timings = {}, {name: [] for name in runs}
     for r in range(repeats):
         for name, run in runs.items():
             start, start_cpu = time.perf_counter(), time.process_time()
             results[name] = run()
             wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
-            if wall < seconds[name]:
-                seconds[name], cpu_seconds[name] = wall, cpu
+            timings[name].append((wall, cpu))
             if progress:
                 print(f"  round {r + 1}: {name} {wall:.2f} s ({cpu:.2f} CPU s)", flush=True)
-    return Rounds(results, seconds, cpu_seconds)
+    kept = {name: sorted(t)[0 if keep == "best" else (len(t) - 1) // 2] for name, t in timings.items()}
+    return Rounds(results, {n: k[0] for n, k in kept.items()}, {n: k[1] for n, k in kept.items()})
 
 
 def timed_compile(jitted, *args) -> tuple[Any, float]:

@@ -3,6 +3,7 @@ same machine, same random torchvision weights, same images and targets.
 
     PYTHONPATH=. python benchmarks/ig.py          # ResNet-18/50, VGG-16, GoogLeNet; 224 px, batch 4, 32 steps
     PYTHONPATH=. python benchmarks/ig.py --models resnet18 --chunk 8
+    PYTHONPATH=. python benchmarks/ig.py --models resnet18,resnet50 --size 112 --chunks all,8,16,32 --repeats 5
 
 Reports seconds per image for each implementation (the best of --repeats rounds, each round
 running every implementation once; jaxattr's compile time is reported separately), the ratios, the agreement of the
@@ -10,6 +11,9 @@ attributions, and the GFLOP/s jaxattr achieves (FLOPs from XLA's cost analysis) 
 machine's float32 matrix-product peak, measured first (the best of NumPy's and JAX's large sgemm).
 Chunking: jaxattr evaluates --chunk steps per gradient batch, captum the same points per batch
 (internal_batch_size = chunk x batch), PAIR batch_size = chunk (it explains one image at a time).
+`--chunks all,8,16,...` times jaxattr alone at each chunk size instead (interleaved rounds, the median
+kept; wall and process CPU seconds), with the peak memory XLA plans for each compiled program (arguments + outputs + temporaries,
+`memory_analysis()`), both as ratios to the first chunk in the list.
 The load average is printed with each row: timings on a machine shared with other busy
 processes are not comparable.
 """
@@ -98,6 +102,65 @@ def bench_model(name: str, args) -> dict:
     return row
 
 
+def _chunk_label(chunk: int | None) -> str:
+    return "all" if chunk is None else str(chunk)
+
+
+def chunk_sweep(name: str, args) -> list[dict]:
+    """jaxattr's IG at each of `args.chunks`: median seconds per image, XLA's planned peak bytes, and
+    the largest relative difference from the first chunk's attributions (summation order only)."""
+    _, model = torch_twin(name)
+    dtype = np.dtype(args.dtype)
+    model = model.astype(dtype)
+    images = np.random.RandomState(0).rand(args.batch, args.size, args.size, 3).astype(dtype)
+    targets = np.arange(args.batch) % 1000
+    compiled, rows = {}, []
+    for chunk in args.chunks:
+        config = IntegratedGradientsConfig(steps=args.steps, rule=args.rule, chunk=chunk)
+        ig = jax.jit(lambda m, x, t, config=config: integrated_gradients(m, x, t, config=config))
+        label = _chunk_label(chunk)
+        compiled[label], compile_seconds = timed_compile(ig, model, images, targets)
+        memory = compiled[label].memory_analysis()
+        peak = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+        rows.append({"model": name, "chunk": label, "compile": compile_seconds, "peak": peak})
+    runs = {label: (lambda c=c: np.asarray(c(model, images, targets))) for label, c in compiled.items()}
+    results, seconds, cpu_seconds = timed_rounds(runs, args.repeats, warmup=1, keep="median")
+    first = rows[0]["chunk"]
+    for row in rows:
+        row.update(
+            seconds=seconds[row["chunk"]] / args.batch,
+            cpu_seconds=cpu_seconds[row["chunk"]] / args.batch,
+            max_rel_diff=max_rel_diff(results[row["chunk"]], results[first]),
+        )
+    return rows
+
+
+def main_chunks(args) -> None:
+    print(
+        f"IG, jaxattr only, {args.dtype}, {args.rule} {args.steps} steps, batch {args.batch}, {args.size} px, "
+        f"median of {args.repeats} interleaved rounds; JAX {jax.__version__} on {jax.devices()[0].device_kind}; "
+        f"{os.cpu_count()} CPUs, load average {load()}"
+    )
+    header = "| model | chunk | images per call | s/img | time / first | CPU s/img | CPU / first | peak MB | peak / first | compile s | max_rel_diff vs first | load |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for name in args.models.split(","):
+        rows = chunk_sweep(name.strip(), args)
+        for row in rows:
+            per_call = args.batch * (args.steps if row["chunk"] == "all" else min(int(row["chunk"]), args.steps))
+            print(
+                f"| {row['model']} | {row['chunk']} | {per_call} | {row['seconds']:.3f} | "
+                f"{row['seconds'] / rows[0]['seconds']:.2f} | {row['cpu_seconds']:.3f} | "
+                f"{row['cpu_seconds'] / rows[0]['cpu_seconds']:.2f} | {row['peak'] / 1e6:.0f} | {row['peak'] / rows[0]['peak']:.2f} | "
+                f"{row['compile']:.1f} | {row['max_rel_diff']:.1e} | {load()} |",
+                flush=True,
+            )
+
+
+def _chunks(text: str) -> list[int | None]:
+    return [None if c.strip() == "all" else int(c) for c in text.split(",")]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -108,6 +171,9 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rule", default="gausslegendre", help="a captum rule name")
     parser.add_argument("--chunk", type=int, default=None, help="steps per gradient batch (default: all at once)")
+    parser.add_argument(
+        "--chunks", type=_chunks, default=None, help="chunk sizes to compare, e.g. all,8,16,32 (jaxattr only)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per implementation (best is kept)")
     parser.add_argument("--no-pair", action="store_true", help="skip PAIR saliency (one image at a time)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="of weights and images")
@@ -115,6 +181,8 @@ def main(argv=None) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")  # what the parity tests use
     jax.config.update("jax_enable_x64", args.dtype == "float64")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if args.chunks:
+        return main_chunks(args)
 
     print(
         f"IG, {args.dtype}, {args.rule} {args.steps} steps, batch {args.batch}, {args.size} px, chunk {args.chunk}; "

@@ -12,6 +12,7 @@ Non-linearity modes (a model option; the forward pass is the same in every mode)
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal, NamedTuple, Sequence
 
 import jax
@@ -86,6 +87,33 @@ def pointwise_conv_as_dot(
     relayout (see `conv_with_flipped_backward`)."""
     sh, sw = strides
     return jax.lax.dot_general(x[:, ::sh, ::sw, :], kernel[0, 0], (((3,), (0,)), ((), ())))
+
+
+def conv_by_columns(
+    x: Float[Array, "b h w c"],
+    kernel: Float[Array, "kh kw c f"],
+    strides: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+) -> Float[Array, "b h2 w2 f"]:
+    """A convolution (groups 1) as one matrix product: the kh x kw strided views of the padded
+    input side by side on the channel axis (kh*kw*c columns per output cell) times the kernel's
+    (kh*kw*c, f) matrix; its gradient is a product and shifted adds, no convolution. For
+    activations smaller than the kernel window (ResNet's last stage at 64 px: 2x2 cells under a
+    3x3 kernel), where XLA swaps a convolution's operands into a form its CPU convolution
+    library rejects (reversed window, batch-minor layout) and runs it as generic loops, several
+    times slower than this product."""
+    kh, kw, c, f = kernel.shape
+    sh, sw = strides
+    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    out_h = (padded.shape[1] - kh) // sh + 1
+    out_w = (padded.shape[2] - kw) // sw + 1
+    views = [
+        padded[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    columns = jnp.concatenate(views, axis=-1)  # row-major (i, j, channel), as the kernel's reshape
+    return jax.lax.dot_general(columns, kernel.reshape(kh * kw * c, f), (((3,), (0,)), ((), ())))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -202,6 +230,9 @@ def _cpu_convolution(x, kernel, strides, padding, groups):
         return _convolution(x, kernel, strides, padding, groups)
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
         return pointwise_conv_as_dot(x, kernel, strides)
+    out_cells = math.prod((n + sum(p) - k) // s + 1 for n, p, k, s in zip(x.shape[1:3], padding, (kh, kw), strides))
+    if out_cells < kh * kw:  # the forward or input-gradient convolution would get swapped operands
+        return conv_by_columns(x, kernel, strides, padding)
     return conv_with_flipped_backward(x, kernel, strides, padding)
 
 

@@ -69,8 +69,10 @@ def _torch_vjp(torch_fn, x, g):
         (3, 8, 4, 4, 0, 1, True, (9, 10)),  # ViT's patches: the space-to-depth backward is a product
         (3, 8, 3, 2, 0, 1, True, (10, 11)),
         (20, 8, 3, 2, 1, 1, True, (9, 8)),  # strided, many channels: an input-dilated backward
-        (32, 32, 3, 1, 1, 1, False, (3, 4)),  # kernel larger than the activations: flips those instead
-        (20, 24, 3, 2, 1, 1, True, (5, 4)),  # the same, strided
+        (32, 32, 3, 1, 1, 1, False, (3, 4)),  # 12 output cells, 9 taps: still the flipped-kernel backward
+        (20, 24, 3, 2, 1, 1, True, (5, 4)),  # the same, strided (3x2 outputs: on CPU a matrix product)
+        (16, 8, 3, 1, 1, 1, True, (2, 2)),  # activations smaller than the kernel (on CPU: a matrix product)
+        (12, 8, 3, 2, 1, 1, False, (4, 3)),  # the same, strided
     ],
 )
 def test_conv2d_values_and_gradients_match_torch(rng, in_channels, out_channels, kernel, stride, padding, groups, bias, size):
