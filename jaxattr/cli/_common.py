@@ -112,11 +112,20 @@ def add_loaders_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--loaders",
         type=loader_count,
-        default=min(4, os.cpu_count() or 1),
         metavar="N",
         help="threads decoding the next batches while one computes (0: decode, compute and write in turn; "
-        "default min(4, CPUs))",
+        "default min(4, CPUs) on an accelerator, 0 when JAX computes on the CPU)",
     )
+
+
+def loaders(args: argparse.Namespace) -> int:
+    """--loaders, or its default. When the CPU is the device, decoding threads take cores from
+    XLA's own thread pool, whose parallel loops then wait for their slowest thread: a pipelined run
+    was slower than one stage after another (benchmarks/pipeline.py: 1.29x against 0.90x the pure
+    compute time per image, 2 cores), so the CPU default is no pipeline."""
+    if args.loaders is not None:
+        return args.loaders
+    return 0 if jax.default_backend() == "cpu" else min(4, os.cpu_count() or 1)
 
 
 def preprocessing(args: argparse.Namespace, info: ModelInfo) -> Preprocessing:

@@ -39,6 +39,7 @@ from jaxattr._files import display_path
 from jaxattr.cli._common import (
     CliError,
     add_loaders_option,
+    loaders,
     config_option,
     flag,
     format_table,
@@ -237,7 +238,7 @@ def explain_first(args: argparse.Namespace) -> list[Path]:
     for method in args.method:
         directory = args.out / EXPLAIN_DIR / method
         argv = ["explain", "--method", method, "--out", str(directory), "--model", args.model or explain.DEFAULT_MODEL,
-                "--batch-size", str(args.batch_size), "--loaders", str(args.loaders), "--seed", str(args.seed or 0),
+                "--batch-size", str(args.batch_size), "--loaders", str(loaders(args)), "--seed", str(args.seed or 0),
                 *flags[method]]
         argv += ["--weights", args.weights] if args.weights else []
         argv += ["--target", args.target] if args.target is not None else []
@@ -633,7 +634,7 @@ def _evaluate_images(todo, sources: list[Source], groups, transform: Preprocessi
     def unreadable(item: tuple[str, Path], error: ImageLoadError) -> dict:
         return {"file": str(item[1]), "output": item[0], "status": "unreadable", "message": str(error)}
 
-    with pipeline(todo, read, loaders=args.loaders, batch_size=batch_size) as stages:
+    with pipeline(todo, read, loaders=loaders(args), batch_size=batch_size) as stages:
         run_batches(todo, batch_size=batch_size, load=load, compute=compute, save=save, unreadable=unreadable,
                     output=output, progress=progress, after_writes=stages.write, drain=stages.drain)
 

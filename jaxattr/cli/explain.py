@@ -23,6 +23,7 @@ from jaxattr.cli._common import (
     add_config_options,
     add_dtype_option,
     add_loaders_option,
+    loaders,
     add_preprocessing_options,
     config_error,
     config_flags,
@@ -624,7 +625,7 @@ def _explain_files(
         return dataclasses.asdict(ImageRecord(str(path), names[path], "unreadable", message=error.reason))
 
     stages = pipeline(
-        todo, lambda path: load_image(path, transform), loaders=args.loaders, batch_size=batch_size, writes_per_item=args.top_k or 1
+        todo, lambda path: load_image(path, transform), loaders=loaders(args), batch_size=batch_size, writes_per_item=args.top_k or 1
     )
     with stages as (load, write, drain), clock:
         start = time.monotonic()
