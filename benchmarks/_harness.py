@@ -70,3 +70,9 @@ def timed_compile(jitted, *args) -> tuple[Any, float]:
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     return compiled, time.perf_counter() - start
+
+
+def print_header(header: str) -> None:
+    """A markdown table's header line and its separator (the README's tables are pasted from these)."""
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))

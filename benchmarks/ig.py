@@ -34,7 +34,7 @@ from converters.references.pair import pair_call_model
 from converters.torch_models import to_numpy_nhwc, to_torch_images, torch_twin
 from jaxattr.methods.integrated_gradients import IntegratedGradientsConfig, integrated_gradients
 
-from _harness import load, timed_compile, timed_rounds
+from _harness import load, print_header, timed_compile, timed_rounds
 
 
 def sgemm_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -142,8 +142,7 @@ def main_chunks(args) -> None:
         f"{os.cpu_count()} CPUs, load average {load()}"
     )
     header = "| model | chunk | images per call | s/img | time / first | CPU s/img | CPU / first | peak MB | peak / first | compile s | max_rel_diff vs first | load |"
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    print_header(header)
     for name in args.models.split(","):
         rows = chunk_sweep(name.strip(), args)
         for row in rows:
@@ -200,8 +199,7 @@ def main(argv=None) -> None:
         "| model | jaxattr s/img | captum s/img | captum/jaxattr | PAIR s/img | PAIR/jaxattr | jaxattr GFLOP/s "
         "| of sgemm peak | compile s | max_rel_diff vs captum | load |"
     )
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    print_header(header)
     for name in args.models.split(","):
         r = bench_model(name.strip(), args)
         pair = f"{r['pair']:.3f} | {r['pair'] / r['jaxattr']:.2f}" if "pair" in r else "- | -"

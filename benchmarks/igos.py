@@ -32,7 +32,7 @@ from converters.references import igos as reference
 from converters.torch_models import torch_twin
 from jaxattr.methods.igos import RULES, IGOSConfig, IGOSPlusConfig, igos_masks
 
-from _harness import load, timed_compile, timed_rounds
+from _harness import load, print_header, timed_compile, timed_rounds
 
 SMALL = dict(size=64, iterations=3, steps=5, mask_size=8, models="resnet50", batches="8")
 FULL = dict(size=224, iterations=20, steps=15, mask_size=28, models="resnet50,vgg19", batches="1,8")
@@ -149,8 +149,7 @@ def main(argv=None) -> None:
         "| model | method | batch | jaxattr s/img | reference s/img | reference/jaxattr | jaxattr evals/img "
         "(batch ran) | reference evals/img | chunk | compile s |"
     )
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    print_header(header)
     for model_name in args.models.split(","):
         for method in args.methods.split(","):
             for batch in map(int, args.batches.split(",")):

@@ -32,7 +32,7 @@ from converters.references.iia import reference_maps
 from converters.torch_models import to_torch_images, torch_twin
 from jaxattr.methods.iia import IIAConfig, iia
 
-from _harness import load, timed_compile, timed_rounds
+from _harness import load, print_header, timed_compile, timed_rounds
 
 MODELS = "resnet101,vit_base_patch16_224"
 
@@ -90,8 +90,7 @@ def main(argv=None) -> None:
         f"{os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average before {load()}"
     )
     header = "| model | path points | jaxattr s/img | torch s/img | torch/jaxattr | compile s | max_rel_diff |"
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    print_header(header)
     for name in args.models.split(","):
         r = bench_model(name.strip(), args)
         print(

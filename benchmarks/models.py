@@ -30,7 +30,7 @@ import torch
 from converters.torch_models import PixelInput, to_torch_images, torch_twin
 from jaxattr.models import Model
 
-from _harness import load, timed_compile, timed_rounds
+from _harness import load, print_header, timed_compile, timed_rounds
 
 
 def _target_logits(logits, targets):
@@ -111,8 +111,7 @@ def main(argv=None) -> None:
         "| model | torch fwd ms | JAX fwd ms | fwd ratio | torch fwd+bwd ms | JAX fwd+bwd ms | fwd+bwd ratio "
         "| JAX compile s | load |"
     )
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    print_header(header)
     for name in args.models.split(","):
         r = bench_model(name.strip(), args.batch, args.size, args.repeats)
         forward = _cells(r["torch_forward"], r["jax_forward"])

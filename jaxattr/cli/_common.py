@@ -42,37 +42,31 @@ class CliError(Exception):
 # ------------------------------------------------------------ option types: one-line errors, exit 2
 
 
-def positive_int(text: str) -> int:
+def _integer(text: str, expected: str, low: int, high: float, bounds: str) -> int:
+    """int(text) within [low, high], or a usage error: `expected` when it is no integer, `bounds`
+    when it is out of range."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{bounds}, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _integer(text, "a positive integer", 1, float("inf"), "must be a positive integer")
 
 
 SEED_RANGE = 2**32  # jax.random.key takes any 32-bit seed
 
 
 def seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < SEED_RANGE:
-        raise argparse.ArgumentTypeError(f"must be in [0, {SEED_RANGE - 1}], got {text}")
-    return value
+    return _integer(text, "an integer seed", 0, SEED_RANGE - 1, f"must be in [0, {SEED_RANGE - 1}]")
 
 
 def loader_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of threads, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return _integer(text, "a number of threads", 0, float("inf"), "must be 0 or more")
 
 
 def host_port(text: str) -> str:
