@@ -22,6 +22,7 @@ from jaxattr.cli._common import (
 from jaxattr.config import ConfigError
 from jaxattr.image import ImageLoadError, load_batch
 from jaxattr.methods import Method, list_methods, method_spec
+from jaxattr.run import call_interruptibly
 
 
 def add_parser(commands) -> None:
@@ -65,8 +66,13 @@ def run(args: argparse.Namespace) -> int:
         model, torch_model = crosscheck.twin_models(args.model, random_init=args.random_init, seed=args.seed)
         dtype = args.dtype or reference.default_dtype
         options = _runner_options(reference, configured, model, len(images), size, dtype)
+
+        def compare():  # on a worker thread, so Ctrl-C stops a long comparison at once; JAX's
+            with jax.default_matmul_precision("highest"):  # precision setting is per thread
+                return crosscheck.run(args.method, model, torch_model, images, dtype=args.dtype, **options)
+
         try:
-            result = crosscheck.run(args.method, model, torch_model, images, dtype=args.dtype, **options)
+            result = call_interruptibly(compare)
         except ValueError as e:
             raise CliError(str(e)) from None
     weights = f"random weights (seed {args.seed})" if args.random_init else "pretrained weights"
