@@ -34,15 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattr import viz
-from jaxattr.cli import explain
 from jaxattr._files import display_path
+from jaxattr.cli import explain
 from jaxattr.cli._common import (
     CliError,
     add_loaders_option,
-    loaders,
     config_option,
     flag,
     format_table,
+    loaders,
     lookup_model,
     positive_int,
     seed,
@@ -60,14 +60,30 @@ from jaxattr.evaluation import (
     stack_rows,
     valid_rows,
 )
-from jaxattr.image import ImageLoadError, Preprocessing, expand_paths, open_image, preprocess, preprocess_labels
+from jaxattr.image import (
+    ImageLoadError,
+    Preprocessing,
+    expand_paths,
+    open_image,
+    preprocess,
+    preprocess_labels,
+)
 from jaxattr.maps import upsample
 from jaxattr.methods import MethodSpec, list_methods, method_spec
 from jaxattr.methods.igos import MASK_OUTPUT, igos_baselines
 from jaxattr.metrics import DEFAULT_CHUNK, RISE_STEPS, binary_mask, segmentation
 from jaxattr.models import create_model
 from jaxattr.report import method_records, write_report
-from jaxattr.run import SUMMARY_JSON, Batch, OutputDir, Progress, RunError, check_outputs_apart, pipeline, run_batches
+from jaxattr.run import (
+    SUMMARY_JSON,
+    Batch,
+    OutputDir,
+    Progress,
+    RunError,
+    check_outputs_apart,
+    pipeline,
+    run_batches,
+)
 
 EVALUATED = "evaluated"
 INCOMPLETE = "incomplete"  # some method's map could not be scored (missing, NaN/inf); retried on a re-run

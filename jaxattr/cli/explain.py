@@ -23,7 +23,6 @@ from jaxattr.cli._common import (
     add_config_options,
     add_dtype_option,
     add_loaders_option,
-    loaders,
     add_preprocessing_options,
     config_error,
     config_flags,
@@ -33,12 +32,19 @@ from jaxattr.cli._common import (
     fraction,
     host_port,
     in_compute_dtype,
+    loaders,
     lookup_model,
     positive_int,
     preprocessing,
     seed,
 )
-from jaxattr.compilation import CompileClock, ProgramStore, compile_program, enable_compile_cache, tree_signature
+from jaxattr.compilation import (
+    CompileClock,
+    ProgramStore,
+    compile_program,
+    enable_compile_cache,
+    tree_signature,
+)
 from jaxattr.config import ConfigError
 from jaxattr.data import imagenet_labels
 from jaxattr.explanation import explain
