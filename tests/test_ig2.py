@@ -439,11 +439,17 @@ def reference_probe(monkeypatch):
 def test_cli_loads_references_and_writes_extra_pictures(cli_setup, tmp_path, reference_probe, capsys):
     out = tmp_path / "out"
     assert _cli(cli_setup, out, "--method", "refprobe", "--references", str(cli_setup[1]), "--save-firsts") == 0
-    # Traced once on the batch's shapes (options checked on the model first), then run: the same references.
+    # Traced into the run's one program, whose argument the references are: the method sees their
+    # shape, and its extra output (the first reference, drawn) shows the values that reached it.
     references, key = reference_probe[-1]
-    assert all(np.array_equal(r, references) for r, _ in reference_probe)
     assert references.shape == (2, 224, 224, 3)  # the model's eval transform, like the inputs
     assert key is not None  # methods taking references may draw among them: per-file keys
+    from jaxattr.image import Preprocessing, load_image
+    from jaxattr.models import model_info
+
+    first = load_image(cli_setup[1] / "p0.png", Preprocessing.of(model_info("resnet18")))
+    drawn = np.asarray(Image.open(out / "p0_first.png"))
+    np.testing.assert_array_equal(drawn, np.round(np.clip(first, 0, 1) * 255).astype(np.uint8))
     assert "refprobe: 2 reference images, fewer than --num-references 8" in capsys.readouterr().err
     assert sorted(p.name for p in out.glob("*.png")) == ["p0.png", "p0_first.png", "p0_grey.png"]
     assert sorted(p.name for p in out.glob("*.npy")) == ["p0.npy"]  # pictured extras are not saved as arrays
