@@ -17,8 +17,8 @@ lowering run in every process.
 serialised `jax.export.Exported` under a digest of everything its text depends on (the caller's
 description of it, the JAX version, jaxattr's own source, the backend and the numerics flags), so
 a second process deserialises it (milliseconds) and hands the module to XLA, whose compilation the
-persistent cache serves. Small values that also cost a trace (a model's memory per image) are kept
-beside it. A file that cannot be read back (another JAX, a truncated disk) is a miss, never an
+persistent cache serves. Counts that also cost a trace (a model's memory per image, its classes)
+are kept beside it. A file that cannot be read back (another JAX, a truncated disk) is a miss, never an
 error: the program is exported again and the file replaced.
 """
 
@@ -116,15 +116,19 @@ class ProgramStore:
             write_atomically(path, lambda f: f.write(serialised))
         return jax.jit(exported.call)
 
-    def value(self, description: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
-        """compute() (JSON-able), from the store when it holds it."""
+    def count(self, description: Mapping[str, Any], compute: Callable[[], int]) -> int:
+        """compute() (a count, >= 0), from the store when it holds one; anything else stored there
+        (an edited or damaged file) is a miss."""
         path = self._path(description, ".json")
         try:
-            return json.loads(path.read_text())["value"]
-        except (OSError, ValueError, KeyError):
-            value = compute()
-            write_atomically(path, lambda f: f.write(json.dumps({"value": value}).encode()))
-            return value
+            value = json.loads(path.read_text())["value"]
+            if type(value) is int and value >= 0:
+                return value
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        value = int(compute())
+        write_atomically(path, lambda f: f.write(json.dumps({"value": value}).encode()))
+        return value
 
 
 class CompileClock:

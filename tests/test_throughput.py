@@ -336,7 +336,8 @@ def test_the_compile_cache_serves_a_second_process(tmp_path):
 def test_a_second_process_neither_traces_nor_compiles_the_batch_program(images, tmp_path, weights):
     """`jaxattr explain` exports its batch program to $JAXATTR_HOME/compile/programs: a second
     process deserialises it (no trace of the program, XLA's executable from JAX's cache) and
-    writes the same files; an unreadable program file is exported again, with the same result."""
+    writes the same files; an unreadable program file is exported again and damaged stored counts
+    are recomputed, with the same result."""
     (images / "im2b.jpg").unlink()
     script = textwrap.dedent(
         """
@@ -366,6 +367,8 @@ def test_a_second_process_neither_traces_nor_compiles_the_batch_program(images, 
     programs = list((tmp_path / "home" / "compile" / "programs").glob("*.jaxexport"))
     assert len(programs) == 1
     programs[0].write_bytes(b"truncated")
+    for count in programs[0].parent.glob("*.json"):  # the stored counts, damaged: recomputed
+        count.write_text('{"value": "not a count"}')
     assert explain_in_a_process("third")[0] == 1
     assert explain_in_a_process("uncached", "--no-compile-cache")[0] == 1
     files = [_files(tmp_path / out) for out in ("first", "second", "third", "uncached")]

@@ -179,7 +179,7 @@ def fit_memory(
     pass_size = None
     if store is not None:
         description = {"value": "pass_bytes", "model": tree_signature(model), "image": list(image_shape), "dtype": str(dtype)}
-        pass_size = store.value(description, lambda: memory.pass_bytes(model, image_shape, dtype))
+        pass_size = store.count(description, lambda: memory.pass_bytes(model, image_shape, dtype))
     try:
         fitted = memory.fit(method, model, batch, image_shape, dtype, pass_size=pass_size)
     except memory.MemoryEstimateError as e:

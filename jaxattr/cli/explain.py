@@ -526,7 +526,7 @@ def _rgb(picture: np.ndarray) -> np.ndarray:
 def _num_classes(model, size: int, store: ProgramStore | None) -> int:
     """The model's class count (a trace; kept in `store` for the next process)."""
     count = lambda: int(jax.eval_shape(model, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).shape[-1])
-    return count() if store is None else store.value({"value": "num_classes", "model": tree_signature(model), "size": size}, count)
+    return count() if store is None else store.count({"value": "num_classes", "model": tree_signature(model), "size": size}, count)
 
 
 def _load_references(args: argparse.Namespace, method: Method, transform: Preprocessing) -> tuple[list[Path], np.ndarray | None]:
