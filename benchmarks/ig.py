@@ -3,17 +3,19 @@ same machine, same random torchvision weights, same images and targets.
 
     PYTHONPATH=. python benchmarks/ig.py          # ResNet-18/50, VGG-16, GoogLeNet; 224 px, batch 4, 32 steps
     PYTHONPATH=. python benchmarks/ig.py --models resnet18 --chunk 8
-    PYTHONPATH=. python benchmarks/ig.py --models resnet18,resnet50 --size 112 --chunks all,8,16,32 --repeats 5
+    PYTHONPATH=. python benchmarks/ig.py --models resnet18,resnet50 --size 112 --chunks all,8,16,32,auto --repeats 5
 
 Reports seconds per image for each implementation (the best of --repeats rounds, each round
 running every implementation once; jaxattr's compile time is reported separately), the ratios, the agreement of the
 attributions, and the GFLOP/s jaxattr achieves (FLOPs from XLA's cost analysis) against this
 machine's float32 matrix-product peak, measured first (the best of NumPy's and JAX's large sgemm).
-Chunking: jaxattr evaluates --chunk steps per gradient batch, captum the same points per batch
-(internal_batch_size = chunk x batch), PAIR batch_size = chunk (it explains one image at a time).
+Chunking: jaxattr evaluates --chunk steps per gradient batch (default "auto", the library's default:
+about 32 images per call on CPU), captum the same points per batch (internal_batch_size = chunk x
+batch), PAIR batch_size = chunk (it explains one image at a time).
 `--chunks all,8,16,...` times jaxattr alone at each chunk size instead (interleaved rounds, the median
 kept; wall and process CPU seconds), with the peak memory XLA plans for each compiled program (arguments + outputs + temporaries,
-`memory_analysis()`), both as ratios to the first chunk in the list.
+`memory_analysis()`) and its temporaries alone (what the chunk can shrink: the arguments hold the
+model's parameters whatever the chunk), as ratios to the first chunk in the list.
 The load average is printed with each row: timings on a machine shared with other busy
 processes are not comparable.
 """
@@ -32,6 +34,7 @@ from captum.attr import IntegratedGradients
 from converters.crosscheck import max_rel_diff
 from converters.references.pair import pair_call_model
 from converters.torch_models import to_numpy_nhwc, to_torch_images, torch_twin
+from jaxattr.methods import resolve_chunks
 from jaxattr.methods.integrated_gradients import IntegratedGradientsConfig, integrated_gradients
 
 from _harness import load, print_header, timed_compile, timed_rounds
@@ -53,7 +56,7 @@ def sgemm_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
 def _flops(model, images, targets, config) -> float:
     # XLA's cost analysis counts a loop body once, whatever the trip count: count the unchunked
     # program (the same arithmetic, no loop) instead of the chunked one.
-    unchunked = IntegratedGradientsConfig(steps=config.steps, rule=config.rule)
+    unchunked = IntegratedGradientsConfig(steps=config.steps, rule=config.rule, chunk=None)
     fn = jax.jit(lambda m, x, t: integrated_gradients(m, x, t, config=unchunked))
     analysis = fn.lower(model, images, targets).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
@@ -67,7 +70,9 @@ def bench_model(name: str, args) -> dict:
     images = np.random.RandomState(0).rand(args.batch, args.size, args.size, 3).astype(dtype)
     with torch.no_grad():
         targets = torch_model(to_torch_images(images)).argmax(-1).numpy()
-    config = IntegratedGradientsConfig(steps=args.steps, rule=args.rule, chunk=args.chunk)
+    config = resolve_chunks(
+        IntegratedGradientsConfig(steps=args.steps, rule=args.rule, chunk=args.chunk), args.batch, images.shape[1:]
+    )
     ig = jax.jit(lambda m, x, t: integrated_gradients(m, x, t, config=config))
     compiled, compile_seconds = timed_compile(ig, model, images, targets)
 
@@ -77,7 +82,7 @@ def bench_model(name: str, args) -> dict:
             target=torch.from_numpy(targets),
             n_steps=args.steps,
             method=args.rule,
-            internal_batch_size=None if args.chunk is None else args.chunk * args.batch,
+            internal_batch_size=None if config.chunk is None else config.chunk * args.batch,
         )
         return to_numpy_nhwc(attributions)
 
@@ -85,7 +90,7 @@ def bench_model(name: str, args) -> dict:
         for image, target in zip(images, targets):
             saliency.IntegratedGradients().GetMask(
                 image, pair_call_model(torch_model, int(target), "logit"),
-                x_steps=args.steps, batch_size=args.chunk or args.steps,
+                x_steps=args.steps, batch_size=config.chunk or args.steps,
             )
 
     runs = {"jaxattr": lambda: np.asarray(compiled(model, images, targets)), "captum": captum_run}
@@ -102,8 +107,6 @@ def bench_model(name: str, args) -> dict:
     return row
 
 
-def _chunk_label(chunk: int | None) -> str:
-    return "all" if chunk is None else str(chunk)
 
 
 def chunk_sweep(name: str, args) -> list[dict]:
@@ -118,11 +121,15 @@ def chunk_sweep(name: str, args) -> list[dict]:
     for chunk in args.chunks:
         config = IntegratedGradientsConfig(steps=args.steps, rule=args.rule, chunk=chunk)
         ig = jax.jit(lambda m, x, t, config=config: integrated_gradients(m, x, t, config=config))
-        label = _chunk_label(chunk)
+        steps_per_call = resolve_chunks(config, args.batch, images.shape[1:]).chunk or args.steps
+        label = "all" if chunk is None else str(chunk)
         compiled[label], compile_seconds = timed_compile(ig, model, images, targets)
         memory = compiled[label].memory_analysis()
         peak = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
-        rows.append({"model": name, "chunk": label, "compile": compile_seconds, "peak": peak})
+        rows.append({
+            "model": name, "chunk": label, "per_call": args.batch * min(steps_per_call, args.steps),
+            "compile": compile_seconds, "peak": peak, "temp": memory.temp_size_in_bytes,
+        })
     runs = {label: (lambda c=c: np.asarray(c(model, images, targets))) for label, c in compiled.items()}
     results, seconds, cpu_seconds = timed_rounds(runs, args.repeats, warmup=1, keep="median")
     first = rows[0]["chunk"]
@@ -141,23 +148,31 @@ def main_chunks(args) -> None:
         f"median of {args.repeats} interleaved rounds; JAX {jax.__version__} on {jax.devices()[0].device_kind}; "
         f"{os.cpu_count()} CPUs, load average {load()}"
     )
-    header = "| model | chunk | images per call | s/img | time / first | CPU s/img | CPU / first | peak MB | peak / first | compile s | max_rel_diff vs first | load |"
+    header = (
+        "| model | chunk | images per call | s/img | time / first | CPU s/img | CPU / first | peak MB | peak / first "
+        "| temporaries MB | temporaries / first | compile s | max_rel_diff vs first | load |"
+    )
     print_header(header)
     for name in args.models.split(","):
         rows = chunk_sweep(name.strip(), args)
         for row in rows:
-            per_call = args.batch * (args.steps if row["chunk"] == "all" else min(int(row["chunk"]), args.steps))
             print(
-                f"| {row['model']} | {row['chunk']} | {per_call} | {row['seconds']:.3f} | "
+                f"| {row['model']} | {row['chunk']} | {row['per_call']} | {row['seconds']:.3f} | "
                 f"{row['seconds'] / rows[0]['seconds']:.2f} | {row['cpu_seconds']:.3f} | "
                 f"{row['cpu_seconds'] / rows[0]['cpu_seconds']:.2f} | {row['peak'] / 1e6:.0f} | {row['peak'] / rows[0]['peak']:.2f} | "
+                f"{row['temp'] / 1e6:.0f} | {row['temp'] / rows[0]['temp']:.2f} | "
                 f"{row['compile']:.1f} | {row['max_rel_diff']:.1e} | {load()} |",
                 flush=True,
             )
 
 
-def _chunks(text: str) -> list[int | None]:
-    return [None if c.strip() == "all" else int(c) for c in text.split(",")]
+def _chunk(text: str) -> int | str | None:
+    text = text.strip()
+    return None if text == "all" else text if text == "auto" else int(text)
+
+
+def _chunks(text: str) -> list[int | str | None]:
+    return [_chunk(c) for c in text.split(",")]
 
 
 def main(argv=None) -> None:
@@ -169,9 +184,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rule", default="gausslegendre", help="a captum rule name")
-    parser.add_argument("--chunk", type=int, default=None, help="steps per gradient batch (default: all at once)")
+    parser.add_argument("--chunk", type=_chunk, default="auto", help="steps per gradient batch: N, auto (default) or all")
     parser.add_argument(
-        "--chunks", type=_chunks, default=None, help="chunk sizes to compare, e.g. all,8,16,32 (jaxattr only)"
+        "--chunks", type=_chunks, default=None, help="chunk sizes to compare, e.g. all,8,16,32,auto (jaxattr only)"
     )
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per implementation (best is kept)")
     parser.add_argument("--no-pair", action="store_true", help="skip PAIR saliency (one image at a time)")

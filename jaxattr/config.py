@@ -88,6 +88,16 @@ def name() -> Check:
     return Check(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty name")
 
 
+# A `chunk` field's value: evaluations per image in one model call. "auto" lets the batch decide
+# (`jaxattr.methods.base.resolve_chunks`); None is everything at once.
+AUTO_CHUNK = "auto"
+Chunk = int | Literal["auto"] | None
+
+
+def chunk_size() -> Check:
+    return Check(lambda v: v is None or v == AUTO_CHUNK or (_is_int(v) and v >= 1), 'a positive integer, "auto" or None')
+
+
 def optional(check: Check) -> Check:
     """None or a value `check` accepts."""
     return Check(lambda v: v is None or check.accepts(v), f"None or {check.description}")

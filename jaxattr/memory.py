@@ -16,8 +16,8 @@ no compilation: batch 2 minus batch 1) -- times `PASS_OVERHEAD` for what XLA hol
 `fit(method, model, batch, image_shape)` returns the method unchanged if the estimate fits the
 budget (default: `BUDGET_FRACTION` of the memory available now on the device that runs it, or
 the environment variable JAXATTR_MEMORY_BUDGET, e.g. "6G", where set),
-else the largest `chunk` that fits, for configs whose `chunk` is None ("all at once"; a chunk
-changes memory, never results) -- SmoothGrad's samples first, then its base method's -- and
+else the largest `chunk` that fits, for configs whose `chunk` is None ("all at once") or "auto"
+(a chunk changes memory, never results) -- SmoothGrad's samples first, then its base method's -- and
 raises MemoryEstimateError when even one at a time does not fit.
 """
 
@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattr.methods._common import as_forward
-from jaxattr.methods.base import Method
+from jaxattr.config import AUTO_CHUNK
+from jaxattr.methods.base import Method, resolve_chunks
 
 # XLA's memory for a pass over the residuals the pass keeps: measured up to 6.1 (resnet18 at
 # 64 px, where convolution workspace dominates small activations); a margin above it.
@@ -189,7 +190,7 @@ def estimate(
     """Estimated peak memory of `method` on a batch of `batch` images of `image_shape` (h, w, c).
     `pass_size`: `pass_bytes(model, image_shape, dtype)` when the caller has it (a trace saved)."""
     dtype = jnp.dtype(dtype)
-    footprint = method.config.footprint(tuple(image_shape))
+    footprint = resolve_chunks(method.config, batch, tuple(image_shape)).footprint(tuple(image_shape))
     image = math.prod(image_shape) * dtype.itemsize
     params = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(as_forward(model))) * dtype.itemsize
     if pass_size is None:
@@ -234,7 +235,8 @@ def fit(
     pass_size: int | None = None,
 ) -> Method:
     """`method` with the largest chunk sizes, powers of two, that keep the estimate within `budget`
-    (default: `default_budget()`); unchanged if it fits. Raises MemoryEstimateError if it cannot fit.
+    (default: `default_budget()`); unchanged if it fits. Only chunks left to jaxattr (None or
+    "auto") are chosen, and "auto" ones never grow. Raises MemoryEstimateError if it cannot fit.
     `pass_size` as for `estimate`."""
     budget = default_budget() if budget is None else budget
     if pass_size is None:
@@ -243,7 +245,9 @@ def fit(
     needed = needs(method, model, batch, image_shape, dtype)
     if needed.bytes <= budget:
         return method
-    for path in [path for path, value in chunk_fields(method) if value is None]:
+    free = [path for path, value in chunk_fields(method) if value in (None, AUTO_CHUNK)]
+    method = Method(method.spec, resolve_chunks(method.config, batch, tuple(image_shape)))
+    for path in free:
         smallest = _with(method, path, 1)
         if needs(smallest, model, batch, image_shape, dtype).bytes > budget:
             method = smallest  # not enough: one at a time here, and look further in

@@ -168,7 +168,7 @@ def test_registered_and_explainable(rng):
         (dict(steps=0), "steps must be an integer >= 1"),
         (dict(max_sigma=-1.0), "max_sigma must be a finite number"),
         (dict(grad_step=0.0), "grad_step must be a finite number > 0"),
-        (dict(chunk=0), "chunk must be None or an integer >= 1"),
+        (dict(chunk=0), "chunk must be a positive integer, \"auto\" or None"),
         (dict(output="softmax"), "unknown output"),
     ],
 )

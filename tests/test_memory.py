@@ -9,7 +9,7 @@ import pytest
 
 from jaxattr import memory
 from jaxattr.explanation import explain
-from jaxattr.methods import method_spec
+from jaxattr.methods import method_spec, resolve_chunks
 from test_methods_contract import tiny_model
 
 SHAPE = (32, 32, 3)
@@ -44,7 +44,7 @@ def test_the_estimate_bounds_the_compiled_program(model, name, options):
 
 
 def test_fit_picks_the_largest_power_of_two_chunk_within_the_budget(model):
-    method = method_spec("integrated_gradients").build(steps=64)
+    method = method_spec("integrated_gradients").build(steps=64, chunk=None)
     full = memory.estimate(method, model, BATCH, SHAPE).bytes
     assert memory.fit(method, model, BATCH, SHAPE, budget=full) is method  # fits: unchanged
     needs = lambda chunk: memory.estimate(method_spec("integrated_gradients").build(steps=64, chunk=chunk), model, BATCH, SHAPE).bytes
@@ -57,15 +57,43 @@ def test_fit_picks_the_largest_power_of_two_chunk_within_the_budget(model):
 
 
 def test_smoothgrad_chunks_its_samples_first_then_its_base(model):
-    method = method_spec("smoothgrad").build(samples=8, base=method_spec("integrated_gradients").build())
+    all_steps = method_spec("integrated_gradients").build(chunk=None)
+    method = method_spec("smoothgrad").build(samples=8, chunk=None, base=all_steps)
     base_steps = method.config.base.config.steps
-    one_sample = memory.estimate(
-        method_spec("smoothgrad").build(samples=8, chunk=1, base=method_spec("integrated_gradients").build()), model, BATCH, SHAPE
-    ).bytes
+    one_sample = memory.estimate(method_spec("smoothgrad").build(samples=8, chunk=1, base=all_steps), model, BATCH, SHAPE).bytes
     fitted = memory.fit(method, model, BATCH, SHAPE, budget=one_sample)
     assert fitted.config.chunk == 1 and fitted.config.base.config.chunk is None
     fitted = memory.fit(method, model, BATCH, SHAPE, budget=one_sample - 1)
     assert fitted.config.chunk == 1 and 1 <= fitted.config.base.config.chunk < base_steps
+
+
+def test_auto_chunks_hold_32_images_per_call_on_cpu_innermost_first():
+    ig = method_spec("integrated_gradients").build(steps=50)
+    assert resolve_chunks(ig.config, 4, SHAPE).chunk == 8
+    assert resolve_chunks(ig.config, 3, SHAPE).chunk == 10  # 30 images per call
+    assert resolve_chunks(ig.config, 64, SHAPE).chunk == 1  # never below one point per image
+    assert resolve_chunks(ig.config.replace(chunk=None), 4, SHAPE).chunk is None  # None: all at once, as asked
+    # SmoothGrad of IG: the base's steps take the share first, then the samples what is left.
+    nested = method_spec("smoothgrad").build(samples=10, base=method_spec("integrated_gradients").build(steps=4))
+    resolved = resolve_chunks(nested.config, 2, SHAPE)
+    assert (resolved.chunk, resolved.base.config.chunk) == (4, 16)  # 2 images x 4 samples x 4 steps
+    assert resolve_chunks(nested.config, 1, SHAPE).footprint(SHAPE).passes == 32
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jax, "default_backend", lambda: "gpu")  # elsewhere: everything at once
+        assert resolve_chunks(nested.config, 2, SHAPE).base.config.chunk is None
+
+
+def test_fit_shrinks_auto_chunks_and_never_grows_them(model):
+    method = method_spec("integrated_gradients").build(steps=64)  # chunk "auto": 16 at batch 2
+    resolved = method_spec("integrated_gradients").build(steps=64, chunk=16)
+    assert memory.estimate(method, model, BATCH, SHAPE) == memory.estimate(resolved, model, BATCH, SHAPE)
+    roomy = memory.estimate(method_spec("integrated_gradients").build(steps=64, chunk=None), model, BATCH, SHAPE).bytes
+    assert memory.fit(method, model, BATCH, SHAPE, budget=roomy) is method  # fits: left to the call
+    needs_4 = memory.estimate(method_spec("integrated_gradients").build(steps=64, chunk=4), model, BATCH, SHAPE).bytes
+    assert memory.fit(method, model, BATCH, SHAPE, budget=needs_4).config.chunk == 4
+    given = method_spec("integrated_gradients").build(steps=64, chunk=16)  # the user's chunk is kept
+    with pytest.raises(memory.MemoryEstimateError):
+        memory.fit(given, model, BATCH, SHAPE, budget=needs_4)
 
 
 def test_budget_from_the_environment(monkeypatch):

@@ -18,6 +18,7 @@ from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 from converters.crosscheck import reference
 from converters.references.pair import pair_call_model
 from converters.torch_models import PixelInput, to_numpy_nhwc, to_torch_images
+from jaxattr.methods import resolve_chunks
 from jaxattr.methods.gradients import SmoothGradConfig, saliency as saliency_map, smoothgrad
 
 
@@ -60,7 +61,7 @@ def noise_draws(config: SmoothGradConfig, images: np.ndarray, seed: int = 0) -> 
     default_dtype="float64",
 )
 def smoothgrad_vs_captum(model, torch_model, images, targets, *, config: SmoothGradConfig | None = None, seed: int = 0):
-    config = config or SmoothGradConfig()
+    config = resolve_chunks(config or SmoothGradConfig(), len(images), images.shape[1:])  # captum's partitions: jaxattr's chunks
     noise = noise_draws(config, images, seed)
     ours = smoothgrad(model, images, targets, config=config, noise=noise.astype(images.dtype))
 

@@ -17,6 +17,7 @@ from converters.crosscheck import reference
 from converters.guided import guided
 from converters.references.pair import pair_call_model
 from converters.torch_models import PixelInput, to_numpy_nhwc, to_torch_images
+from jaxattr.methods import resolve_chunks
 from jaxattr.methods.baselines import baseline_images
 from jaxattr.methods.integrated_gradients import GnlIGConfig, IntegratedGradientsConfig, gnl_ig, integrated_gradients
 
@@ -46,8 +47,10 @@ def captum_baselines(config: IntegratedGradientsConfig, torch_model: PixelInput,
 
 
 def _internal_batch_size(config: IntegratedGradientsConfig, images: np.ndarray) -> int | None:
-    # captum batches the points of all images together: chunk steps x batch images.
-    return None if config.chunk is None else config.chunk * len(images)
+    # captum batches the points of all images together: chunk steps x batch images, with the
+    # chunk jaxattr evaluates for this batch.
+    chunk = resolve_chunks(config, len(images), images.shape[1:]).chunk
+    return None if chunk is None else chunk * len(images)
 
 
 def _score_function(torch_model: torch.nn.Module, output: str):

@@ -18,9 +18,9 @@ import numpy as np
 
 from jaxattr import memory
 from jaxattr.compilation import ProgramStore, tree_signature
-from jaxattr.config import ConfigError, literal_choices
+from jaxattr.config import AUTO_CHUNK, Chunk, ConfigError, literal_choices
 from jaxattr.image import MAX_PIXELS, Preprocessing
-from jaxattr.methods import Method, list_methods, method_spec
+from jaxattr.methods import Method, list_methods, method_spec, resolve_chunks
 from jaxattr.models import model_info
 from jaxattr.models.registry import ModelInfo
 
@@ -184,9 +184,10 @@ def fit_memory(
         fitted = memory.fit(method, model, batch, image_shape, dtype, pass_size=pass_size)
     except memory.MemoryEstimateError as e:
         raise CliError(f"{e}; lower --batch-size or the method's sizes (--steps, --samples), or set --chunk", status=2) from None
+    resolved = resolve_chunks(method.config, batch, image_shape)  # what "auto" alone would have chosen
     chosen = [
         f"{'.'.join(path)}={value}"
-        for (path, value), (_, before) in zip(memory.chunk_fields(fitted), memory.chunk_fields(method))
+        for (path, value), (_, before) in zip(memory.chunk_fields(fitted), memory.chunk_fields(Method(method.spec, resolved)))
         if value != before
     ]
     if chosen:
@@ -246,9 +247,21 @@ def _base_method(text: str) -> Method:
     return spec.build()
 
 
+def _chunk(text: str) -> int | str | None:
+    """--chunk N, auto (chosen from the batch) or all (everything at once)."""
+    if text in (AUTO_CHUNK, "all"):
+        return None if text == "all" else text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, auto or all, got {text!r}") from None
+
+
 def _option_spec(annotation: Any) -> dict[str, Any] | None:
     """argparse keywords for a config field of type `annotation` (Optional[X] is treated as X);
     None for types with no command-line form."""
+    if annotation == Chunk:
+        return {"type": _chunk, "metavar": "N|auto|all"}
     choices = literal_choices(annotation)
     if choices is not None:
         choices = tuple(c for c in choices if c is not None)

@@ -19,6 +19,7 @@ from jaxattr.methods.base import (
     MethodSpec as MethodSpec,
     list_methods as list_methods,
     make_config as make_config,
+    resolve_chunks as resolve_chunks,
     method_spec as method_spec,
 )
 

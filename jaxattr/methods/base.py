@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxattr.config import Config, ConfigError
+from jaxattr.config import AUTO_CHUNK, Config, ConfigError
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import (
     as_forward,
@@ -169,6 +169,33 @@ def check_call(
     check_target_range(forward, images, targets)
 
 
+# Images per model call that "auto" chunks aim at, by backend. On CPU about 32 images per call
+# ran fastest per image, up to 18% faster than 128 (`benchmarks/ig.py --chunks`); elsewhere a
+# call holds everything at once, and `jaxattr.memory.fit` bounds it by the memory available.
+IMAGES_PER_CALL = {"cpu": 32}
+
+
+def resolve_chunks(config: Config, batch: int, image_shape: tuple[int, ...]) -> Config:
+    """`config` with every `chunk` that is "auto", its base method's included, made a size: on a
+    backend in `IMAGES_PER_CALL`, the largest chunk that keeps `batch` images times the passes
+    per image in one call within that number (at least 1), the innermost chunk filled first;
+    elsewhere None (all at once). Chunks change speed and memory, never results beyond rounding."""
+    per_call = IMAGES_PER_CALL.get(jax.default_backend())
+    return _resolve_chunks(config, None if per_call is None else max(1, per_call // batch), image_shape)
+
+
+def _resolve_chunks(config: Config, per_image: int | None, image_shape: tuple[int, ...]) -> Config:
+    base = getattr(config, "base", None)
+    inner = 1
+    if isinstance(base, Method):
+        base = Method(base.spec, _resolve_chunks(base.config, per_image, image_shape))
+        config = config.replace(base=base)
+        inner = base.config.footprint(image_shape).passes
+    if getattr(config, "chunk", None) != AUTO_CHUNK:
+        return config
+    return config.replace(chunk=None if per_image is None else max(1, per_image // inner))
+
+
 def run_compiled(
     compiled: Callable[..., Array],
     config_class: type[Config],
@@ -193,15 +220,18 @@ def run_compiled(
 
     `targets` of shape (b, K) explains K classes of every image in one program, vmapped over the
     class axis: attributions (b, K, ...), each class's equal to a run with that class alone (same
-    key, so the same noise)."""
+    key, so the same noise). "auto" chunks are made sizes for this batch here (`resolve_chunks`)."""
     if targets is not None and jnp.ndim(targets) == 2:
         check_call(as_forward(model), images, targets, key, several_classes=True)
+        if isinstance(config, Config):  # else the TypeError of the call below
+            config = resolve_chunks(config, images.shape[0] * jnp.shape(targets)[1], images.shape[1:])
         one_class = lambda t: run_compiled(compiled, config_class, model, images, t, config=config, key=key, per_image=per_image, **arrays)
         return jax.vmap(one_class, in_axes=1, out_axes=1)(jnp.asarray(targets, jnp.int32))
     if not isinstance(config, config_class):
         raise TypeError(config_type_message(config_class, config))
     forward = as_forward(model)
     check_call(forward, images, targets, key)
+    config = resolve_chunks(config, images.shape[0], images.shape[1:])
     per_image = per_image or {}
     if not is_key_batch(key, images.shape[0]):
         return compiled(forward, images, targets, key, config, **per_image, **arrays)

@@ -26,7 +26,7 @@ from jaxtyping import Array, Float, Int
 
 from jaxattr import maps, paths
 from jaxattr.blur import AxisBlur, axis_blur, blur_axes, toeplitz_blur, zero_padded_kernels
-from jaxattr.config import Config, Footprint, config, integer, number, optional, static
+from jaxattr.config import AUTO_CHUNK, Chunk, Config, Footprint, chunk_size, config, integer, number, static
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import Output, path_scores, resolve_targets
 from jaxattr.methods.base import MethodSpec, register, run_compiled
@@ -40,14 +40,15 @@ class BlurIGConfig(Config):
     steps: int = static(100, integer(1))
     grad_step: float = static(0.01, number(0, exclusive_minimum=True))  # sigma increment of the forward difference
     sqrt: bool = static(False)  # sigma_i = sqrt(i * max_sigma / steps): finer steps at low blur
-    # Steps evaluated per gradient batch (PAIR's batch_size): memory, never results. None: all at once.
-    chunk: int | None = static(None, optional(integer(1)))
+    # Steps evaluated per gradient batch (PAIR's batch_size): memory and speed, never results.
+    # "auto": chosen from the batch (`resolve_chunks`); None: all at once.
+    chunk: Chunk = static(AUTO_CHUNK, chunk_size())
     output: Output = static("logit")  # differentiate the target's logit or its softmax probability
 
     def footprint(self, image_shape: tuple[int, ...]) -> Footprint:
         # Per axis: float64 kernel rows of 2 * steps sigmas (and their float32 slices), and per
         # path point in flight a size x size Toeplitz matrix (with slices).
-        side, passes = max(image_shape[:2]), self.chunk or self.steps
+        side, passes = max(image_shape[:2]), min(self.chunk or self.steps, self.steps)
         return Footprint(passes=passes, fixed_bytes=2 * (2 * self.steps * 2 * side * 24 + passes * side * side * 16))
 
 

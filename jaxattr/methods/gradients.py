@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxattr import maps
-from jaxattr.config import Check, Config, Footprint, config, integer, number, optional, static, traced
+from jaxattr.config import AUTO_CHUNK, Check, Chunk, Config, Footprint, chunk_size, config, integer, number, static, traced
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import Output, image_keys, input_gradients, resolve_targets
 from jaxattr.methods.base import Method, MethodSpec, register, run_compiled
@@ -75,7 +75,9 @@ class SmoothGradConfig(Config):
     # stdev_spread 0.15), or absolute (captum's stdevs, default 1.0) with relative=False.
     stdev: float = traced(0.15, number(0))
     relative: bool = static(True)
-    chunk: int | None = static(None, optional(integer(1)))  # samples per batch (captum nt_samples_batch_size); None: all
+    # Samples per batch (captum nt_samples_batch_size): memory and speed. "auto": chosen from the
+    # batch (`resolve_chunks`); None: all at once.
+    chunk: Chunk = static(AUTO_CHUNK, chunk_size())
 
     def needs_key(self) -> bool:
         return True  # the noise
@@ -83,7 +85,7 @@ class SmoothGradConfig(Config):
     def footprint(self, image_shape: tuple[int, ...]) -> Footprint:
         base = self.base.config.footprint(image_shape)
         keys = 16 * self.samples  # a noise key and a base key per sample
-        return Footprint(passes=(self.chunk or self.samples) * base.passes, fixed_bytes=base.fixed_bytes + keys)
+        return Footprint(passes=min(self.chunk or self.samples, self.samples) * base.passes, fixed_bytes=base.fixed_bytes + keys)
 
 
 def _noise_scale(images: Float[Array, "b h w c"], config: SmoothGradConfig) -> Float[Array, "b 1 1 1"]:

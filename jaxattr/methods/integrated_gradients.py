@@ -19,7 +19,7 @@ import jax
 from jaxtyping import Array, Float
 
 from jaxattr import maps, paths
-from jaxattr.config import Config, ConfigError, Footprint, config, integer, number, optional, static
+from jaxattr.config import AUTO_CHUNK, Chunk, Config, ConfigError, Footprint, chunk_size, config, integer, number, static
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import Output, require_model, resolve_targets, straight_image_path
 from jaxattr.methods.base import MethodSpec, register, run_compiled
@@ -36,9 +36,9 @@ class IntegratedGradientsConfig(Config):
     rule: Rule = static("gausslegendre")
     baseline: Baseline = static("black")  # a `baselines=` array overrides it
     # Steps evaluated per gradient batch: memory and speed, never results (captum's
-    # internal_batch_size / batch size; on CPU about 32 images per batch, chunk x images, is the
-    # fastest measured). None: all steps at once.
-    chunk: int | None = static(None, optional(integer(1)))
+    # internal_batch_size / batch size). "auto": chosen from the batch (`resolve_chunks`); None:
+    # all steps at once.
+    chunk: Chunk = static(AUTO_CHUNK, chunk_size())
     output: Output = static("logit")  # differentiate the target's logit or its softmax probability
     blur_sigma: float = static(50.0, number(0))  # sigma of the 'blur' baseline (Blur IG's max_sigma)
 
@@ -52,7 +52,7 @@ class IntegratedGradientsConfig(Config):
         return self.baseline == "uniform"
 
     def footprint(self, image_shape: tuple[int, ...]) -> Footprint:
-        return Footprint(passes=self.chunk or self.steps, fixed_bytes=paths.quadrature_bytes(self.rule, self.steps))
+        return Footprint(passes=min(self.chunk or self.steps, self.steps), fixed_bytes=paths.quadrature_bytes(self.rule, self.steps))
 
 
 @jax.jit
