@@ -178,6 +178,8 @@ def _bad_values(name: str, spec: dict) -> list[list[str]]:
         return [[option, "abc"], [option, "nan"], [option]]
     if spec["type"] is int:
         return [[option, "abc"], [option, "2.5"], [option, "-1"]]
+    if spec.get("metavar") == "N|auto|all":  # a chunk
+        return [[option, "0"], [option, "AUTO"], [option, ""]]
     if spec["type"] is float:
         return [[option, "abc"], [option, "nan"], [option, "inf"]]
     return [[option, "nosuch"], [option, ""], [option, "fc.kernel"]]  # names (layers), checked on the model

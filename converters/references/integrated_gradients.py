@@ -103,9 +103,6 @@ def _integrated_gradients(
 # baseline (black, mean) are ill-posed in any precision: every max-pool window ties exactly, and
 # which entry takes the gradient depends on the CPU's convolution rounding (measured 7e-3 in
 # float64 on an AMD EPYC, 1e-15 on an Intel Xeon); compare those from a random baseline.
-# Random-weight GoogLeNet (torch_twin: torchvision's init_weights=True, N(0, 0.01) convs under
-# randomised BatchNorm) has nearly constant feature maps whose max-pool windows tie to within an
-# ulp at 224 px, so its float64 IG differs by ~4e-4 there (README, speed tables); 64-128 px agree.
 @reference(
     "integrated_gradients",
     reference="captum IntegratedGradients (same rule, steps, baseline and internal batching; "

@@ -184,6 +184,8 @@ def fit_memory(
         fitted = memory.fit(method, model, batch, image_shape, dtype, pass_size=pass_size)
     except memory.MemoryEstimateError as e:
         raise CliError(f"{e}; lower --batch-size or the method's sizes (--steps, --samples), or set --chunk", status=2) from None
+    if fitted is method:
+        return method
     resolved = resolve_chunks(method.config, batch, image_shape)  # what "auto" alone would have chosen
     chosen = [
         f"{'.'.join(path)}={value}"
