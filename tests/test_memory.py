@@ -68,19 +68,25 @@ def test_smoothgrad_chunks_its_samples_first_then_its_base(model):
 
 
 def test_auto_chunks_hold_32_images_per_call_on_cpu_innermost_first():
-    ig = method_spec("integrated_gradients").build(steps=50)
-    assert resolve_chunks(ig.config, 4, SHAPE).chunk == 8
-    assert resolve_chunks(ig.config, 3, SHAPE).chunk == 10  # 30 images per call
-    assert resolve_chunks(ig.config, 64, SHAPE).chunk == 1  # never below one point per image
-    assert resolve_chunks(ig.config.replace(chunk=None), 4, SHAPE).chunk is None  # None: all at once, as asked
+    ig = lambda steps: method_spec("integrated_gradients").build(steps=steps).config
+    assert resolve_chunks(ig(32), 4, SHAPE).chunk == 8  # 4 images x 8 steps per call
+    assert resolve_chunks(ig(50), 3, SHAPE).chunk == 10  # 30 images per call, 5 equal chunks
+    assert resolve_chunks(ig(50), 1, SHAPE).chunk == 25  # two equal chunks, not 32 and 18: one shape to compile
+    assert resolve_chunks(ig(50), 4, SHAPE).chunk == 5  # 8 allowed; 5 divides 50
+    assert resolve_chunks(ig(97), 4, SHAPE).chunk == 8  # a prime: 12 chunks of 8 and one of 1
+    assert resolve_chunks(ig(50), 64, SHAPE).chunk == 1  # never below one point per image
+    assert resolve_chunks(ig(8), 1, SHAPE).chunk == 8  # all steps fit in one call
+    assert resolve_chunks(ig(50).replace(chunk=None), 4, SHAPE).chunk is None  # None: all at once, as asked
     # SmoothGrad of IG: the base's steps take the share first, then the samples what is left.
     nested = method_spec("smoothgrad").build(samples=10, base=method_spec("integrated_gradients").build(steps=4))
     resolved = resolve_chunks(nested.config, 2, SHAPE)
-    assert (resolved.chunk, resolved.base.config.chunk) == (4, 16)  # 2 images x 4 samples x 4 steps
-    assert resolve_chunks(nested.config, 1, SHAPE).footprint(SHAPE).passes == 32
+    assert (resolved.chunk, resolved.base.config.chunk) == (2, 4)  # 2 images x 2 samples x 4 steps
+    resolved = resolve_chunks(nested.config, 1, SHAPE)
+    assert (resolved.chunk, resolved.base.config.chunk) == (5, 4)  # 20 of 32: 10 samples in two equal chunks
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(jax, "default_backend", lambda: "gpu")  # elsewhere: everything at once
-        assert resolve_chunks(nested.config, 2, SHAPE).base.config.chunk is None
+        resolved = resolve_chunks(nested.config, 2, SHAPE)
+        assert resolved.chunk is None and resolved.base.config.chunk is None
 
 
 def test_fit_shrinks_auto_chunks_and_never_grows_them(model):

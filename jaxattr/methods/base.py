@@ -177,9 +177,9 @@ IMAGES_PER_CALL = {"cpu": 32}
 
 def resolve_chunks(config: Config, batch: int, image_shape: tuple[int, ...]) -> Config:
     """`config` with every `chunk` that is "auto", its base method's included, made a size: on a
-    backend in `IMAGES_PER_CALL`, the largest chunk that keeps `batch` images times the passes
-    per image in one call within that number (at least 1), the innermost chunk filled first;
-    elsewhere None (all at once). Chunks change speed and memory, never results beyond rounding."""
+    backend in `IMAGES_PER_CALL`, a chunk that keeps `batch` images times the passes per image in
+    one call within that number (at least 1), the innermost chunk filled first; elsewhere None
+    (all at once). Chunks change speed and memory, never results beyond rounding."""
     per_call = IMAGES_PER_CALL.get(jax.default_backend())
     return _resolve_chunks(config, None if per_call is None else max(1, per_call // batch), image_shape)
 
@@ -193,7 +193,19 @@ def _resolve_chunks(config: Config, per_image: int | None, image_shape: tuple[in
         inner = base.config.footprint(image_shape).passes
     if getattr(config, "chunk", None) != AUTO_CHUNK:
         return config
-    return config.replace(chunk=None if per_image is None else max(1, per_image // inner))
+    if per_image is None:
+        return config.replace(chunk=None)
+    items = config.replace(chunk=None).footprint(image_shape).passes // inner  # what the chunk splits
+    return config.replace(chunk=_even_chunk(items, max(1, per_image // inner)))
+
+
+def _even_chunk(items: int, limit: int) -> int:
+    """A chunk of at most `limit` of `items`: the largest divisor of `items` from limit / 2 up, so
+    every chunk has one shape and the model is compiled once (50 steps by 32: two chunks of 25,
+    not 32 and 18); else `limit`, with a smaller last chunk."""
+    if items <= limit:
+        return items
+    return next((c for c in range(limit, (limit + 1) // 2 - 1, -1) if items % c == 0), limit)
 
 
 def run_compiled(
