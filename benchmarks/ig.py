@@ -11,7 +11,8 @@ attributions, and the GFLOP/s jaxattr achieves (FLOPs from XLA's cost analysis) 
 machine's float32 matrix-product peak, measured first (the best of NumPy's and JAX's large sgemm).
 Chunking: jaxattr evaluates --chunk steps per gradient batch (default "auto", the library's default:
 about 32 images per call on CPU), captum the same points per batch (internal_batch_size = chunk x
-batch), PAIR batch_size = chunk (it explains one image at a time).
+batch) or, with --captum-chunk all, every point at once (its default, internal_batch_size=None),
+PAIR batch_size = chunk (it explains one image at a time).
 `--chunks all,8,16,...` times jaxattr alone at each chunk size instead (interleaved rounds, the median
 kept; wall and process CPU seconds), with the peak memory XLA plans for each compiled program (arguments + outputs + temporaries,
 `memory_analysis()`) and its temporaries alone (what the chunk can shrink: the arguments hold the
@@ -82,7 +83,7 @@ def bench_model(name: str, args) -> dict:
             target=torch.from_numpy(targets),
             n_steps=args.steps,
             method=args.rule,
-            internal_batch_size=None if config.chunk is None else config.chunk * args.batch,
+            internal_batch_size=None if config.chunk is None or args.captum_chunk == "all" else config.chunk * args.batch,
         )
         return to_numpy_nhwc(attributions)
 
@@ -186,6 +187,10 @@ def main(argv=None) -> None:
     parser.add_argument("--rule", default="gausslegendre", help="a captum rule name")
     parser.add_argument("--chunk", type=_chunk, default="auto", help="steps per gradient batch: N, auto (default) or all")
     parser.add_argument(
+        "--captum-chunk", choices=("same", "all"), default="same",
+        help="captum's points per batch: jaxattr's chunk (default) or all at once (captum's default)",
+    )
+    parser.add_argument(
         "--chunks", type=_chunks, default=None, help="chunk sizes to compare, e.g. all,8,16,32,auto (jaxattr only)"
     )
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per implementation (best is kept)")
@@ -199,7 +204,7 @@ def main(argv=None) -> None:
         return main_chunks(args)
 
     print(
-        f"IG, {args.dtype}, {args.rule} {args.steps} steps, batch {args.batch}, {args.size} px, chunk {args.chunk}; "
+        f"IG, {args.dtype}, {args.rule} {args.steps} steps, batch {args.batch}, {args.size} px, chunk {args.chunk} (captum: {args.captum_chunk}); "
         f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); {os.cpu_count()} CPUs, load average {load()}"
     )
