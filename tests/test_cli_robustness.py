@@ -33,7 +33,7 @@ from PIL import Image
 
 import jaxattr.viz
 from jaxattr import cli, run as run_module
-from jaxattr.cli._common import config_options, flag
+from jaxattr.cli._common import config_option, config_options, flag
 from jaxattr.methods import list_methods
 from jaxattr.models import create_model
 from jaxattr.models.weights import save_params
@@ -293,6 +293,13 @@ def test_help_shows_metavars_and_choices():
     assert "--rule {gausslegendre,gausslegendre64,riemann_left,riemann_right,riemann_middle,riemann_trapezoid,pair,igos}" in text
     assert "--baseline {black,mean,blur,uniform}" in text
     assert "--resize N" in text and "--no-crop" in text and "--interpolation {bilinear,bicubic}" in text
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "gnl_ig", "blur_ig", "smoothgrad"])
+def test_chunk_takes_a_size_auto_or_all(method):
+    values = {text: config_option(method, "chunk", text, f"chunk={text}")[0] for text in ("4", "auto", "all")}
+    assert values == {"4": 4, "auto": "auto", "all": None}  # all: None, everything at once
+    assert dict((name, default) for name, _, default in config_options(method))["chunk"] == "auto"
 
 
 def test_uniform_baseline_draws_per_file_keys(weights, tmp_path):
