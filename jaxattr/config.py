@@ -67,6 +67,17 @@ def integer(minimum: int | None = None, maximum: int | None = None) -> Check:
     )
 
 
+# The most a count of model calls per image may be (steps, samples, iterations): a million is hours
+# per image on any accelerator, so a larger count is a typo, refused before it allocates its tables
+# or runs for years.
+MAX_PASSES = 1_000_000
+
+
+def pass_count() -> Check:
+    """A count of model calls per image: an integer in [1, MAX_PASSES]."""
+    return integer(1, MAX_PASSES)
+
+
 def number(
     minimum: float | None = None, maximum: float | None = None, *, exclusive_minimum: bool = False
 ) -> Check:

@@ -28,10 +28,14 @@ summary (a file system without it merges the summary unlocked, with a warning).
 
 from __future__ import annotations
 
+import errno
+import json
+import socket
 import threading
 from typing import Callable, Sequence, TypeVar
 
 import jax
+import jax._src.distributed  # the runtime's key-value store: how the processes compare their settings
 
 Item = TypeVar("Item")
 
@@ -61,6 +65,12 @@ def initialize(
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
         raise DistributedError(f"process id {process_id} is not in [0, {num_processes - 1}] for {num_processes} processes")
     where = f"the coordinator {coordinator}" if coordinator else "the coordinator named by the environment"
+    if coordinator and process_id == 0:
+        # Process 0 runs the coordinator; jaxlib crashes (SIGSEGV) when its port is taken.
+        port = int(coordinator.rpartition(":")[2])
+        problem = port_in_use(port)
+        if problem:
+            raise DistributedError(f"cannot start the distributed run with {where}: port {port} is {problem}; choose another port")
     watchdog = None
     if on_timeout is not None:
         message = (
@@ -84,7 +94,58 @@ def initialize(
     finally:
         if watchdog is not None:
             watchdog.cancel()
+    _check_agreement(num_processes, process_id, timeout)
     return jax.process_index(), jax.process_count()
+
+
+def port_in_use(port: int) -> str | None:
+    """Why the coordinator cannot listen on `port` on every address ("in use by another program",
+    ...), None if it can; the port is free again when this returns."""
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is no obstacle
+                probe.bind((address, port))
+                return None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return "in use by another program"
+            if e.errno in (errno.EACCES, errno.EPERM):
+                return "reserved (permission denied)"
+            continue  # no IPv6 on this host: try IPv4
+    return "not available"
+
+
+def _check_agreement(num_processes: int | None, process_id: int | None, timeout: int) -> None:
+    """Every process of the job was started with the process count the runtime has, and runs
+    under the index it asked for; otherwise DistributedError, in every process: each publishes
+    what it asked for in the coordinator's key-value store and reads what the others asked for
+    (a process started with --num-processes 3 beside two started with 2 would otherwise join
+    as one of 2)."""
+    index, count = jax.process_index(), jax.process_count()
+    mine = {"index": index, "num_processes": num_processes, "process_id": process_id}
+    problems = []
+    if num_processes is not None and num_processes != count:
+        problems.append(f"this process was started with --num-processes {num_processes}, the job has {count} processes")
+    if process_id is not None and process_id != index:
+        problems.append(f"this process asked for --process-id {process_id} and was given {index}")
+    client = getattr(getattr(jax._src.distributed, "global_state", None), "client", None)  # noqa: SLF001
+    if count > 1 and client is not None:
+        client.key_value_set(f"jaxattr/agreement/{index}", json.dumps(mine))
+        for other in range(count):
+            if other == index:
+                continue
+            try:
+                theirs = json.loads(client.blocking_key_value_get(f"jaxattr/agreement/{other}", timeout * 1000))
+            except Exception:  # jaxlib's errors: the process never reached this point in time
+                problems.append(f"process {other} did not report its settings within {timeout} s")
+                continue
+            if theirs.get("num_processes") not in (None, count):
+                problems.append(f"process {other} was started with --num-processes {theirs['num_processes']}, the job has {count}")
+            if theirs.get("process_id") not in (None, other):
+                problems.append(f"process {other} asked for --process-id {theirs['process_id']}")
+    if problems:
+        raise DistributedError(f"the processes disagree: {problems[0]}; start every process with the same --num-processes and a distinct --process-id")
 
 
 _WATCHDOG_LEAD = 30  # seconds

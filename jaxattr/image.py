@@ -138,7 +138,7 @@ def _truncated_images_refused() -> Iterator[None]:
 
 def _open_reason(path: Path, error: OSError) -> str:
     if isinstance(error, NotARegularFileError):
-        return f"is {error}; skipped"
+        return f"is {error}"
     if isinstance(error, FileNotFoundError):
         return "dangling symbolic link" if os.path.islink(path) else "no such file"
     if isinstance(error, PermissionError):

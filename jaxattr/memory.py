@@ -169,12 +169,14 @@ class Estimate:
     batch: int
     image_shape: tuple[int, ...]
     dtype: str
+    fixed_bytes: int = 0  # what the settings alone size (quadrature tables, keys), whatever the chunk
 
     def describe(self) -> str:
         h, w = self.image_shape[:2]
+        tables = f", {format_bytes(self.fixed_bytes)} of it for tables its settings size" if 2 * self.fixed_bytes > self.bytes else ""
         return (
             f"about {format_bytes(self.bytes)} ({self.batch} image{'s' if self.batch != 1 else ''} of {h}x{w} "
-            f"in {self.dtype}, {self.passes} forward+backward pass{'es' if self.passes != 1 else ''} per image at once)"
+            f"in {self.dtype}, {self.passes} forward+backward pass{'es' if self.passes != 1 else ''} per image at once{tables})"
         )
 
 
@@ -197,7 +199,7 @@ def estimate(
         pass_size = pass_bytes(model, image_shape, dtype)
     per_image = footprint.passes * PASS_OVERHEAD * pass_size + IMAGE_COPIES * image
     total = PARAMS_COPIES * params + batch * per_image + footprint.fixed_bytes
-    return Estimate(int(total), footprint.passes, batch, tuple(image_shape), str(dtype))
+    return Estimate(int(total), footprint.passes, batch, tuple(image_shape), str(dtype), int(footprint.fixed_bytes))
 
 
 # ------------------------------------------------------------------------------ fitting a chunk

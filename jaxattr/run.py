@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattr._files import display_path
+from jaxattr._files import display_path, read_json
 from jaxattr.image import ImageLoadError
 from jaxattr.viz import remove_stale_temporaries, write_atomically
 
@@ -70,6 +70,7 @@ SUMMARY_CSV = "summary.csv"
 # 255 bytes of NAME_MAX on every common file system.
 MAX_NAME_BYTES = 160
 _HASH_CHARS = 12
+SUMMARY_LIMIT = 1 << 28  # bytes of a summary.json read back: about a million records
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -91,6 +92,40 @@ def _fit_name(name: str) -> str:
         return printable
     head = printable.encode()[: MAX_NAME_BYTES - _HASH_CHARS - 1].decode("utf-8", "ignore")
     return f"{head}-{_digest(name)}"
+
+
+def is_output_name(name: object) -> bool:
+    """Whether `name` is one `output_names` could give: printable, within the name limit, without
+    a path separator, not "." or "..", so that joined to an output directory it names a file
+    inside it (a summary read back is untrusted input)."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(sep in name for sep in {"/", os.sep, os.altsep or "/"})
+        and display_path(name) == name
+        and len(name.encode()) <= MAX_NAME_BYTES
+    )
+
+
+def read_summary(path: Path) -> tuple[dict, dict[str, dict], list[str]]:
+    """(settings, records by output name, what was rejected) of a summary.json, read as untrusted
+    input: bounded in size and depth (`read_json`); a record is kept only if it is an object whose
+    "output" is an output name and whose "file" and "status" are strings; each other one is
+    described in the list. ValueError (OSError if unreadable) when the document is no summary."""
+    data = read_json(path, SUMMARY_LIMIT)
+    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict) or not isinstance(data.get("images"), list):
+        raise ValueError("not a summary: no settings and images")
+    records, rejected = {}, []
+    for i, record in enumerate(data["images"]):
+        if not isinstance(record, dict):
+            rejected.append(f"record {i} is not an object")
+        elif not is_output_name(record.get("output")):
+            rejected.append(f"record {i} has the output name {display_path(str(record.get('output')))[:80]!r}, not a plain file name")
+        elif not isinstance(record.get("file"), str) or not isinstance(record.get("status"), str):
+            rejected.append(f"record {i} ({record['output']}) has no file or status")
+        else:
+            records[record["output"]] = record
+    return data["settings"], records, rejected
 
 
 def output_names(paths: Sequence[Path]) -> dict[Path, str]:
@@ -288,11 +323,13 @@ class OutputDir:
         if mode is None or not stat.S_ISREG(mode):
             return None, {}
         try:
-            data = json.loads(path.read_text())
-            return data["settings"], {r["output"]: r for r in data["images"]}
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            settings, records, rejected = read_summary(path)
+        except (OSError, ValueError) as e:
             print(f"jaxattr: warning: ignoring unreadable {display_path(path)} ({e})", file=sys.stderr)
             return None, {}
+        if rejected:
+            print(f"jaxattr: warning: {display_path(path)}: ignored {len(rejected)} damaged records ({rejected[0]})", file=sys.stderr)
+        return settings, records
 
     def _settings_clash(self, settings: Mapping[str, Any]) -> RunError:
         changed = sorted(k for k in settings.keys() | self.settings.keys() if settings.get(k) != self.settings.get(k))

@@ -165,7 +165,7 @@ def test_registered_and_explainable(rng):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(steps=0), "steps must be an integer >= 1"),
+        (dict(steps=0), "steps must be an integer in \\[1, 1000000\\]"),
         (dict(max_sigma=-1.0), "max_sigma must be a finite number"),
         (dict(grad_step=0.0), "grad_step must be a finite number > 0"),
         (dict(chunk=0), "chunk must be a positive integer, \"auto\" or None"),

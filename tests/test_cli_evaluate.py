@@ -8,6 +8,7 @@ points (--step 12544: 5 RISE points, --mask-size 2: 5 I-GOS points) so every run
 forward passes."""
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -313,6 +314,54 @@ def test_bad_maps_are_reported_and_the_rest_go_on(data, explained, tmp_path, cap
     assert None not in stored["gradcam"]["adp"]  # the constant map has a defined score
     records = {r["output"]: r for r in json.loads((out / "summary.json").read_text())["images"]}
     assert records["im0"]["status"] == "incomplete" and records["im1"]["status"] == "evaluated"
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """A .npy file whose header claims `shape` of float32 and holds 16 bytes of data."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return header.getvalue() + bytes(16)
+
+
+def test_hostile_summaries_and_maps_are_reported_and_skipped(data, explained, tmp_path, capsys):
+    """summary.json and the maps beside it are untrusted: output names that leave --out (relative
+    or absolute), a class that is no index, an empty map, a header claiming 100000x100000x3 and a
+    summary nested 200000 deep each give one line, and the rest of the evaluation goes on."""
+    source = _copy(explained["saliency"], tmp_path / "saliency")
+    summary = json.loads((source / "summary.json").read_text())
+    im0 = summary["images"][0]
+    escape = tmp_path / "escaped"
+    summary["images"] += [
+        {**im0, "output": "../../../escaped"},
+        {**im0, "output": str(escape)},
+        {**im0, "output": "im0b", "class_index": "abc"},
+        ["not", "a", "record"],
+    ]
+    (source / "summary.json").write_text(json.dumps(summary))
+    np.save(source / "im1.npy", np.zeros((0, 0, 3), np.float32))
+    out = tmp_path / "ev"
+    assert _main("evaluate", source, "--out", out, "--metrics", "confidence", *FAST) == 1
+    err = _errors(capsys)
+    assert "output name '../../../escaped', not a plain file name; skipped" in err
+    assert f"output name {str(escape)!r}, not a plain file name; skipped" in err
+    assert "has the class 'abc', not a class index; skipped" in err and "record 5 is not an object; skipped" in err
+    assert "unreadable map im1.npy (holds an empty array of shape (0, 0, 3))" in err
+    assert not list(tmp_path.rglob("escaped*")) and not list(Path("/").glob("escaped*"))
+    assert sorted(r["output"] for r in json.loads((out / "summary.json").read_text())["images"]) == ["im0", "im1"]
+
+    (source / "im1.npy").write_bytes(_npy_header((100000, 100000, 3)))
+    assert _main("evaluate", source, "--out", tmp_path / "ev2", "--metrics", "confidence", *FAST) == 1
+    assert "its header claims shape (100000, 100000, 3)" in _errors(capsys)
+
+    (source / "summary.json").write_text("[" * 200000 + "]" * 200000)
+    assert _main("evaluate", source, "--out", tmp_path / "ev3", *FAST) == 1
+    err = _errors(capsys)
+    assert err.count("\n") == 1 and "is not a summary of `jaxattr explain` (nested too deeply)" in err
+    # explain resuming into that directory: a warning, and the run goes on
+    argv = ["explain", data / "images" / "im0.png", "--model", "resnet18", "--weights", data / "resnet18.safetensors",
+            "--method", "saliency", "--out", source, "--no-compile-cache"]
+    assert _main(*argv) == 0
+    assert "ignoring unreadable" in _errors(capsys)
 
 
 def test_directories_that_cannot_be_compared_are_refused(data, explained, tmp_path, capsys):

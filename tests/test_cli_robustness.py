@@ -224,10 +224,16 @@ OWN_OPTION_CASES = [
     (["--interpolation", "BILINEAR"], "--interpolation"),
     (["--bogus"], "--bogus"),
     (["--steps", "4"], "--steps"),  # an option of another method
-    (["--method", "integrated_gradients", "--steps", "1000000000"], "needs about"),  # cannot fit in memory
-    (["--method", "integrated_gradients", "--chunk", "1", "--steps", "1000000000"], "needs about"),
-    (["--method", "blur_ig", "--steps", "1000000000"], "needs about"),
-    (["--method", "smoothgrad", "--samples", "1000000000"], "needs about"),
+    # Counts of model calls past a million are refused as typos, before any estimate or allocation.
+    (["--method", "integrated_gradients", "--steps", "1000000000"], "in [1, 1000000]"),
+    (["--method", "blur_ig", "--steps", "1000000000"], "in [1, 1000000]"),
+    (["--method", "smoothgrad", "--samples", "1000000000"], "in [1, 1000000]"),
+    (["--method", "guided_ig", "--steps", "1000000000"], "in [1, 1000000]"),
+    # Within the bound, what cannot fit in memory is refused with the estimate and what makes it.
+    (["--method", "integrated_gradients", "--chunk", "1", "--steps", "1000000"], "tables its settings size"),  # Gauss-Legendre's
+    (["--method", "integrated_gradients", "--rule", "riemann_trapezoid", "--chunk", "1000000", "--steps", "1000000"], "needs about"),
+    (["--out", ""], "--out: expected a directory, got an empty path"),
+    (["--crop", "100000"], "--crop: 100000 resizes images to"),
 ]
 
 
@@ -752,3 +758,20 @@ def test_a_second_ctrl_c_while_saving_is_ignored(weights, tmp_path, monkeypatch)
     assert result.status == 130 and "Traceback" not in result.err, result
     assert result.lines[-1].startswith("jaxattr: interrupted")
     assert set(summary(out)) == finished(out) and len(finished(out)) >= 2
+
+
+def test_special_files_among_the_references(one_image, weights, tmp_path):
+    """A FIFO in a --references directory is one warning line and the run goes on; a FIFO named
+    as the reference is one error line that does not claim it was skipped."""
+    references = tmp_path / "references"
+    references.mkdir()
+    shutil.copy(one_image, references / "reference.png")
+    os.mkfifo(references / "fifo.png")
+    result = explain([one_image], tmp_path / "out", weights, "--steps", "2", "--references", str(references), method="ig2")
+    assert result.status == 0, result
+    assert [line for line in result.lines if "fifo.png" in line] == [
+        f"jaxattr: warning: --references: skipped {references / 'fifo.png'}: is a FIFO (named pipe), not a regular file; skipped"
+    ]
+    result = explain([one_image], tmp_path / "out2", weights, "--references", str(references / "fifo.png"), method="ig2")
+    assert_one_line_error(result, 1, "--references", "is a FIFO (named pipe), not a regular file")
+    assert "skipped" not in result.err

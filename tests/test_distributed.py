@@ -124,3 +124,44 @@ def test_inconsistent_process_numbers_are_refused_before_jax_starts():
         initialize("127.0.0.1:1", num_processes=2, process_id=2)
     with pytest.raises(DistributedError, match="at least 1"):
         initialize("127.0.0.1:1", num_processes=0, process_id=0)
+
+
+def test_a_coordinator_port_in_use_is_one_line_before_jax_binds_it(images, tmp_path):
+    """jaxlib crashes (SIGSEGV) when process 0's coordinator port is taken: refused first."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = _argv(images, tmp_path / "out") + [
+            "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"]
+        done = subprocess.run([sys.executable, "-c", MAIN, *argv], env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert f"port {port} is in use by another program; choose another port" in done.stderr
+
+
+def test_processes_started_with_different_counts_all_stop_with_one_line(images, tmp_path):
+    """A process started with --num-processes 3 beside one started with 2 would join as "1 of 2":
+    every process compares what the others asked for and stops."""
+    argv = _argv(images, tmp_path / "out") + ["--distributed", "--coordinator", f"127.0.0.1:{_free_port()}", "--coordinator-timeout", "60"]
+    processes = [_start([*argv, "--num-processes", str(n), "--process-id", str(k)], tmp_path / "home") for k, n in ((0, 2), (1, 3))]
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    for process, err in zip(processes, errors):
+        assert process.returncode == 1 and err.count("\n") == 1, err[-2000:]
+        assert "the processes disagree" in err and "--num-processes 3" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_coordinator_options_are_checked_when_parsed(images, tmp_path, capsys):
+    distributed = ["--distributed", "--num-processes", "2", "--process-id", "0"]
+    for option, bad, needle in [
+        ("--coordinator", "a b:12", "expected HOST:PORT"),
+        ("--coordinator", "999.1.1.1:12", "expected HOST:PORT"),
+        ("--coordinator", "[::zz]:12", "expected HOST:PORT"),
+        ("--coordinator", "-host:12", "expected HOST:PORT"),
+        ("--coordinator-timeout", "1e20", "expected a number of seconds"),
+        ("--coordinator-timeout", "100000000000000000000", "must be in [1, 604800] seconds"),
+        ("--coordinator-timeout", "0", "must be in [1, 604800] seconds"),
+    ]:
+        assert cli.main([*_argv(images, tmp_path / "out"), *distributed, f"{option}={bad}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"argument {option}: {needle}" in err, err

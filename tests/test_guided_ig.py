@@ -119,8 +119,8 @@ def test_registered_and_explainable(rng):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(steps=0), "steps must be an integer >= 1"),
-        (dict(steps=2.5), "steps must be an integer >= 1"),
+        (dict(steps=0), "steps must be an integer in \\[1, 1000000\\]"),
+        (dict(steps=2.5), "steps must be an integer in \\[1, 1000000\\]"),
         (dict(fraction=1.5), r"fraction must be a finite number in \[0, 1\]"),
         (dict(max_dist=-0.1), r"max_dist must be a finite number in \[0, 1\]"),
         (dict(baseline="grey"), "unknown baseline"),

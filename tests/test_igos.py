@@ -395,7 +395,7 @@ def test_nag_keeps_theta_unprojected(model, images):
 
 
 def test_bad_input_is_a_clear_error(model, images):
-    with pytest.raises(ConfigError, match="iterations must be an integer >= 1, got 0"):
+    with pytest.raises(ConfigError, match="iterations must be an integer in \\[1, 1000000\\], got 0"):
         IGOSConfig(iterations=0)
     with pytest.raises(ValueError, match="mask_size 32 is larger than the images"):
         igos_masks(model, images[:1], config=IGOSConfig(mask_size=32), key=jax.random.key(0))

@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import ipaddress
 import os
+import re
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -17,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattr import memory
-from jaxattr.compilation import ProgramStore, tree_signature
+from jaxattr.compilation import ProgramStore, StoreError, open_store, tree_signature
 from jaxattr.config import AUTO_CHUNK, Chunk, ConfigError, literal_choices
 from jaxattr.image import MAX_PIXELS, Preprocessing
 from jaxattr.methods import Method, list_methods, method_spec, resolve_chunks
 from jaxattr.models import model_info
-from jaxattr.models.registry import ModelInfo
+from jaxattr.models.registry import ModelInfo, jaxattr_home
 
 # Modules of the optional extras; a missing one means "install the extra", not a bug.
 _OPTIONAL_MODULES = frozenset({"torch", "torchvision", "timm", "safetensors", "captum", "saliency", "scipy"})
@@ -70,15 +73,46 @@ def loader_count(text: str) -> int:
 
 
 def host_port(text: str) -> str:
-    """HOST:PORT, an IPv6 host in brackets ([::1]:1234); the text unchanged."""
+    """HOST:PORT: a host name, an IPv4 address or an IPv6 address in brackets ([::1]:1234), and a
+    port in 1..65535; the text unchanged."""
     host, colon, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:  # a bare IPv6 address: its last group would read as the port
-        host = ""
-    if not (colon and host.strip() and port.isdecimal() and 1 <= int(port) <= 65535):
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port in 1..65535 (IPv6: [::1]:1234), got {text!r}")
+        valid_host = _is_address(host[1:-1], ipaddress.IPv6Address)
+    elif host.replace(".", "").isdecimal():
+        valid_host = _is_address(host, ipaddress.IPv4Address)
+    else:  # a bare IPv6 address fails here: its last group would read as the port
+        valid_host = len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in host.split("."))
+    if not (colon and valid_host and port.isascii() and port.isdecimal() and 1 <= int(port) <= 65535):
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT (a host name, IPv4 address or [IPv6] address, and a port in 1..65535), got {text!r}"
+        )
     return text
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")  # RFC 1123 (and the underscores some clusters use)
+
+
+def _is_address(text: str, kind: type) -> bool:
+    try:
+        kind(text)
+        return True
+    except ValueError:
+        return False
+
+
+MAX_TIMEOUT = 7 * 24 * 3600
+
+
+def seconds(text: str) -> int:
+    """A timeout: 1 s to a week."""
+    return _integer(text, "a number of seconds", 1, MAX_TIMEOUT, f"must be in [1, {MAX_TIMEOUT}] seconds")
+
+
+def output_dir(text: str) -> Path:
+    """--out DIR: any path but the empty one, which would quietly mean the current directory."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a directory, got an empty path (for the current directory, give .)")
+    return Path(text)
 
 
 def fraction(text: str) -> float:
@@ -135,7 +169,9 @@ def preprocessing(args: argparse.Namespace, info: ModelInfo) -> Preprocessing:
         resize = Preprocessing.of(info, crop).resize if crop is not None else info.image_size
     transform = Preprocessing(resize, crop, args.interpolation or default.interpolation)
     if transform.resize * transform.resize > MAX_PIXELS:
-        raise CliError(f"argument --resize: {transform.resize} makes images above {MAX_PIXELS} pixels", status=2)
+        # the option given: --crop alone sets the resize through the model's ratio
+        given = f"--resize: {args.resize}" if args.resize is not None else f"--crop: {args.crop} resizes images to {transform.resize} px, which"
+        raise CliError(f"argument {given} makes images above {MAX_PIXELS} pixels", status=2)
     return transform
 
 
@@ -195,6 +231,17 @@ def fit_memory(
     if chosen:
         print(f"jaxattr: note: {method.spec.name} runs with {', '.join(chosen)} to fit the memory available", file=sys.stderr)
     return fitted
+
+
+def open_compile_store(args: argparse.Namespace) -> ProgramStore | None:
+    """The program store in $JAXATTR_HOME/compile (None with --no-compile-cache); one line if its
+    directory is not safe to run programs from."""
+    if not args.compile_cache:
+        return None
+    try:
+        return open_store(jaxattr_home() / "compile")
+    except StoreError as e:
+        raise CliError(str(e)) from None
 
 
 def lookup_model(name: str) -> ModelInfo:

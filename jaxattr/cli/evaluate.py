@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattr import viz
-from jaxattr._files import display_path
+from jaxattr._files import display_path, load_array
 from jaxattr.cli import explain
 from jaxattr.cli._common import (
     CliError,
@@ -44,6 +44,7 @@ from jaxattr.cli._common import (
     format_table,
     loaders,
     lookup_model,
+    output_dir,
     positive_int,
     seed,
 )
@@ -82,6 +83,7 @@ from jaxattr.run import (
     RunError,
     check_outputs_apart,
     pipeline,
+    read_summary,
     run_batches,
 )
 
@@ -91,6 +93,9 @@ EXPLAIN_DIR = "explain"  # OUT/explain/<method>: the explanations of --method
 INPUTS_DIR = "inputs"  # OUT/inputs/<name>.png: the preprocessed images, shown in the report
 RESULTS_DIR = "results"  # OUT/results/<name>.npz: every metric result of the image
 RECORD_FIELDS = ["file", "output", "status", "message"]
+# The most bytes of a map or mask file read back (a 224 px float32 map is 0.6 MB; a header claiming
+# more is refused before anything is allocated).
+MAP_LIMIT = 1 << 30
 # I-GOS's `jaxattr explain` writes its low-resolution mask (low = salient) beside the map
 # (`explain.extra_output(..., MASK_OUTPUT)`). Where it exists, the I-GOS metric scores that mask;
 # every other method's map is averaged over the cells of --mask-size (`saliency_cells`).
@@ -171,7 +176,7 @@ def add_parser(commands) -> None:
     )
     ev.add_argument("inputs", nargs="+", metavar="DIRS_OR_IMAGES",
                     help="explain output directories; with --method, image files and/or directories of images")
-    ev.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    ev.add_argument("--out", required=True, type=output_dir, metavar="DIR", help="output directory")
     ev.add_argument("--metrics", type=_metric_list, metavar="LIST",
                     help=f"metrics, comma-separated, of {', '.join(METRIC_GROUPS)} "
                     f"(default {','.join(DEFAULT_METRICS)}, plus segmentation with --masks)")
@@ -278,8 +283,8 @@ def _igos_mask_shape(directory: Path, names: list[str]) -> tuple[int, ...] | Non
         path = explain.extra_output(directory, name, MASK_OUTPUT)
         if path.is_file():
             try:
-                return np.load(path, mmap_mode="r", allow_pickle=False).shape
-            except (OSError, ValueError):
+                return load_array(path, MAP_LIMIT).shape
+            except (OSError, ValueError, MemoryError):
                 continue
     return None
 
@@ -295,15 +300,20 @@ def read_source(directory: Path) -> Source:
         raise CliError(f"{directory} is not an output directory of `jaxattr explain` (no {SUMMARY_JSON}); "
                        "to explain images first, pass --method")
     try:
-        data = json.loads(path.read_text())
-        settings, records = data["settings"], {r["output"]: r for r in data["images"]}
+        settings, records, rejected = read_summary(path)
         method = settings["method"]
-        if not isinstance(settings["model"], str):
-            raise TypeError(f"model {settings['model']!r}")
+        if not isinstance(method, str) or not isinstance(settings["model"], str):
+            raise TypeError(f"method {method!r}, model {settings['model']!r}")
         if settings.get("preprocessing"):
             Preprocessing(**settings["preprocessing"])  # TypeError / ValueError if damaged
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CliError(f"{path} is not a summary of `jaxattr explain` ({e})") from None
+        raise CliError(f"{display_path(path)} is not a summary of `jaxattr explain` ({e})") from None
+    for name, record in list(records.items()):
+        if not (record.get("class_index") is None or type(record["class_index"]) is int) or not isinstance(record.get("message", ""), str):
+            rejected.append(f"record {name} has the class {str(record.get('class_index'))[:40]!r}, not a class index")
+            del records[name]
+    for problem in rejected:
+        print(f"jaxattr: warning: {display_path(path)}: {problem}; skipped", file=sys.stderr)
     if not records:
         raise CliError(f"{directory} holds no explained images")
     try:
@@ -435,9 +445,9 @@ def _read_map(source: Source, path: Path, shape: tuple[int, int]) -> tuple[np.nd
     """(map, problem, note) from an attribution file, reduced and upsampled as explain does."""
     nan = np.full(shape, np.nan, np.float32)
     try:
-        attribution = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        return nan, f"{source.label}: unreadable map {path.name} ({e})", ""
+        attribution = load_array(path, MAP_LIMIT)
+    except (OSError, ValueError, MemoryError) as e:
+        return nan, f"{source.label}: unreadable map {path.name} ({e or type(e).__name__})", ""
     if attribution.dtype.kind not in "fiu" or attribution.ndim not in (2, 3):
         return nan, f"{source.label}: {path.name} holds {attribution.dtype} of shape {attribution.shape}, not a map", ""
     saliency = source.spec.saliency(jnp.asarray(attribution, jnp.float32)[None])
@@ -461,8 +471,8 @@ def _read_igos_mask(source: Source, name: str) -> tuple[np.ndarray, str]:
     if not path.is_file():
         return nan, f"{source.label}: no I-GOS mask {path.name}"
     try:
-        mask = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+        mask = load_array(path, MAP_LIMIT)
+    except (OSError, ValueError, MemoryError) as e:
         return nan, f"{source.label}: unreadable I-GOS mask {path.name} ({e})"
     if mask.shape != source.mask_shape or mask.dtype.kind != "f":
         return nan, f"{source.label}: {path.name} holds {mask.dtype} of shape {mask.shape}, expected {source.mask_shape}"

@@ -34,15 +34,17 @@ from jaxattr.cli._common import (
     in_compute_dtype,
     loaders,
     lookup_model,
+    output_dir,
+    open_compile_store,
     positive_int,
     preprocessing,
+    seconds,
     seed,
 )
 from jaxattr.compilation import (
     CompileClock,
     ProgramStore,
     compile_program,
-    enable_compile_cache,
     tree_signature,
 )
 from jaxattr.config import ConfigError
@@ -51,7 +53,6 @@ from jaxattr.explanation import explain
 from jaxattr.image import ImageLoadError, Preprocessing, expand_paths, load_image
 from jaxattr.methods import Method, list_methods, method_spec
 from jaxattr.models import create_model
-from jaxattr.models.registry import jaxattr_home
 from jaxattr.run import (
     Batch,
     OutputDir,
@@ -113,7 +114,7 @@ def add_parser(commands, method: str | None) -> None:
     )
     ex.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model (see `jaxattr models`; default {DEFAULT_MODEL})")
     ex.add_argument("--method", default=DEFAULT_METHOD, choices=list_methods(), help=f"default {DEFAULT_METHOD}")
-    ex.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    ex.add_argument("--out", required=True, type=output_dir, metavar="DIR", help="output directory")
     ex.add_argument("--weights", metavar="FILE", help="weights file (jaxattr or torch); default: pretrained")
     ex.add_argument(
         "--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)"
@@ -211,7 +212,7 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--process-id", type=int, metavar="K", help="this process's index, 0 to N-1")
     group.add_argument(
         "--coordinator-timeout",
-        type=positive_int,
+        type=seconds,
         default=300,
         metavar="S",
         help="seconds to wait for every process to connect (default 300)",
@@ -331,8 +332,8 @@ class BatchProgram:
     model's parameters, the images, the per-image keys and the references are its arguments; the
     method, the target, --top-k and the extra outputs left out (`unwanted`: never copied to the
     host) are fixed in it. With `store` it is
-    exported there once per machine (`jaxattr.compilation.ProgramStore`), so a second process
-    neither traces nor compiles it. With `devices` the batch is split over them (padded to a
+    built once per machine and verified on every load (`jaxattr.compilation.ProgramStore`), so a
+    second process neither traces nor compiles it. With `devices` the batch is split over them (padded to a
     multiple of their count), the parameters replicated. Settings this model cannot take, such as
     an unknown --layer, are a usage error here, before any image is read."""
 
@@ -431,8 +432,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.inputs and args.list is None:
         raise CliError("the following arguments are required: IMAGES_OR_DIRS (or --list FILE)", status=2)
     process, processes = start_distributed(args)  # before JAX starts its backends
-    # Before anything compiles: JAX decides once per process whether its cache is in use.
-    store = enable_compile_cache(jaxattr_home() / "compile") if args.compile_cache else None
+    store = open_compile_store(args)
     transform = preprocessing(args, info)
     skipped: list[ImageLoadError] = []
     try:
@@ -486,11 +486,9 @@ def run(args: argparse.Namespace) -> int:
             for record in _explain_files(todo, names, args, method, target, transform, output, references, store):
                 records[record["output"]] = record
         elif records:
-            output.write_summary()
+            _write_summary(output)
     except RunError as e:
         raise CliError(str(e)) from None
-    except OSError as e:  # the summary of a run with nothing to compute
-        raise CliError(f"cannot write the summary in {display_path(args.out)}: {e.strerror or e}") from None
 
     ordered = [records[names[path]] for path in [*(e.path for e in skipped), *paths]]
     print(format_table(("file", "class", "label", "probability", "status"), [_table_row(r) for r in ordered]))
@@ -515,8 +513,16 @@ def _start_together(output: OutputDir, process: int, overwrite: bool) -> None:
     output.create()
     distributed.barrier("jaxattr-explain-cleared")
     if overwrite and process == 0:
-        output.write_summary()
+        _write_summary(output)
     distributed.barrier("jaxattr-explain-start")
+
+
+def _write_summary(output: OutputDir) -> None:
+    """The summary of a run with nothing (more) to compute."""
+    try:
+        output.write_summary()
+    except OSError as e:
+        raise CliError(f"cannot write the summary in {display_path(output.path)}: {e.strerror or e}") from None
 
 
 def _rgb(picture: np.ndarray) -> np.ndarray:
@@ -537,7 +543,11 @@ def _load_references(args: argparse.Namespace, method: Method, transform: Prepro
         print(f"{args.method}: no --references given; each image uses the method's default reference", file=sys.stderr)
         return [], None
     try:
-        paths = expand_paths(args.references, recursive=args.recursive)
+        paths = expand_paths(
+            args.references,
+            recursive=args.recursive,
+            on_skip=lambda e: print(f"jaxattr: warning: --references: skipped {e}", file=sys.stderr),
+        )
     except FileNotFoundError as e:
         raise CliError(f"--references: {e}") from None
     if not paths:

@@ -26,7 +26,7 @@ from jaxtyping import Array, Float, Int
 
 from jaxattr import maps, paths
 from jaxattr.blur import AxisBlur, axis_blur, blur_axes, toeplitz_blur, zero_padded_kernels
-from jaxattr.config import AUTO_CHUNK, Chunk, Config, Footprint, chunk_size, config, integer, number, static
+from jaxattr.config import AUTO_CHUNK, Chunk, Config, Footprint, chunk_size, config, number, pass_count, static
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import Output, path_scores, resolve_targets
 from jaxattr.methods.base import MethodSpec, register, run_compiled
@@ -37,7 +37,7 @@ class BlurIGConfig(Config):
     """PAIR saliency `BlurIG.GetMask` defaults. The sigmas are static: they build the blur kernels."""
 
     max_sigma: float = static(50.0, number(0))  # blur of the path's start
-    steps: int = static(100, integer(1))
+    steps: int = static(100, pass_count())
     grad_step: float = static(0.01, number(0, exclusive_minimum=True))  # sigma increment of the forward difference
     sqrt: bool = static(False)  # sigma_i = sqrt(i * max_sigma / steps): finer steps at low blur
     # Steps evaluated per gradient batch (PAIR's batch_size): memory and speed, never results.

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxattr import maps
-from jaxattr.config import AUTO_CHUNK, Check, Chunk, Config, Footprint, chunk_size, config, integer, number, static, traced
+from jaxattr.config import AUTO_CHUNK, Check, Chunk, Config, Footprint, chunk_size, config, number, pass_count, static, traced
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import Output, image_keys, input_gradients, resolve_targets
 from jaxattr.methods.base import Method, MethodSpec, register, run_compiled
@@ -70,7 +70,7 @@ class SmoothGradConfig(Config):
 
     base: Method = static(SALIENCY.build(), _BASE)
     kind: Smoothing = static("smoothgrad")
-    samples: int = static(25, integer(1))  # PAIR nsamples (captum nt_samples: 5)
+    samples: int = static(25, pass_count())  # PAIR nsamples (captum nt_samples: 5)
     # Noise standard deviation: relative to each image's value range max(x) - min(x) (PAIR's
     # stdev_spread 0.15), or absolute (captum's stdevs, default 1.0) with relative=False.
     stdev: float = traced(0.15, number(0))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxattr import maps
-from jaxattr.config import Config, config, integer, number, static, traced
+from jaxattr.config import Config, config, number, pass_count, static, traced
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import Output, input_gradients, resolve_targets
 from jaxattr.methods.base import MethodSpec, register, run_compiled
@@ -36,7 +36,7 @@ _CLOSE = 1e-9
 
 @config
 class GuidedIGConfig(Config):
-    steps: int = static(200, integer(1))  # outer steps, one gradient each
+    steps: int = static(200, pass_count())  # outer steps, one gradient each
     # Share of features (lowest |gradient|) moved per move: static, it fixes the quantile's index.
     fraction: float = static(0.25, number(0, 1))
     # Max deviation of a feature's alpha from the straight line's (0: IG; 1: free).

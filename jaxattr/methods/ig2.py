@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxattr import maps, paths
-from jaxattr.config import Config, ConfigError, config, integer, number, optional, static, traced
+from jaxattr.config import Config, ConfigError, config, integer, number, optional, pass_count, static, traced
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import Output, image_keys, is_key_batch, path_scores, require_model, resolve_targets
 from jaxattr.methods.base import ExtraOutput, MethodSpec, register, run_compiled
@@ -60,7 +60,7 @@ Selection = Literal["all", "other_class", "relevant"]
 class IG2Config(Config):
     """The reference's defaults (`ig2.py` GetMask) and its ImageNet notebook's conventions."""
 
-    steps: int = static(201, integer(1))  # K: GradPath steps (and integration segments)
+    steps: int = static(201, pass_count())  # K: GradPath steps (and integration segments)
     # L2 length of every step over the whole image, in raw units; tuned for 299x299x3 inputs in
     # [0, 255]: scale it with sqrt(number of features) for other sizes (A.4).
     step_size: float = traced(256.0, number(0, exclusive_minimum=True))

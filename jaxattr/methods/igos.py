@@ -66,7 +66,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from jaxattr import maps, paths
 from jaxattr.blur import AxisBlur, blur_axes, blur_matrix
-from jaxattr.config import Config, ConfigError, config, integer, number, optional, static, traced
+from jaxattr.config import Config, ConfigError, config, integer, number, optional, pass_count, static, traced
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import check_inputs, image_keys, predicted_classes, require_model
 from jaxattr.methods.base import MethodSpec, register, run_compiled
@@ -83,8 +83,8 @@ VARIANTS: tuple[str, ...] = ("igos", "igos_plus", "igos_pp")
 class IGOSConfig(Config):
     """I-GOS with the reference's effective settings (igos.md §1-2: what its main.py runs)."""
 
-    iterations: int = static(20, integer(1))  # T: optimisation iterations (the reference's --ig_iter)
-    steps: int = static(15, integer(1))  # N: integration steps of each path score (its --iterations)
+    iterations: int = static(20, pass_count())  # T: optimisation iterations (the reference's --ig_iter)
+    steps: int = static(15, pass_count())  # N: integration steps of each path score (its --iterations)
     mask_size: int = static(28, integer(2))  # s: the mask has s x s cells
     l1: float = traced(1.0, number(0))  # lambda1: weight of mean |1 - mask|
     l2: float = traced(20.0, number(0))  # lambda2: weight of TV (I-GOS) or bilateral TV (iGOS+/++)

@@ -51,7 +51,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from jaxattr import maps, paths
-from jaxattr.config import Config, config, integer, name, optional, static
+from jaxattr.config import Config, config, integer, name, optional, pass_count, static
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import Output, check_inputs, require_model, resolve_targets, target_scores
 from jaxattr.methods.base import MethodSpec, register, run_compiled
@@ -77,12 +77,12 @@ class IIAConfig(Config):
     # (None: the last block, the reference's).
     layer: str | None = static(None, optional(name()))
     # Image path: steps + 1 points (None: 10 for CNNs, 5 for ViTs).
-    steps: int | None = static(None, optional(integer(1)))
+    steps: int | None = static(None, optional(pass_count()))
     # CNNs only: 'reference' (the authors' degenerate activation integral) or 'integrated'.
     mode: Mode = static("reference")
     # Inner path: activation_steps + 1 points. CNN mode='integrated' (None: 10); ViT attention path
     # (None: 5). No effect in the CNN reference mode, which uses one point.
-    activation_steps: int | None = static(None, optional(integer(1)))
+    activation_steps: int | None = static(None, optional(pass_count()))
     # Image points per batch, each with all its inner points: memory, never results. None: every
     # point at once for CNNs (forward passes only), one point per batch for ViTs.
     chunk: int | None = static(None, optional(integer(1)))

@@ -19,7 +19,7 @@ import jax
 from jaxtyping import Array, Float
 
 from jaxattr import maps, paths
-from jaxattr.config import AUTO_CHUNK, Chunk, Config, ConfigError, Footprint, chunk_size, config, integer, number, static
+from jaxattr.config import AUTO_CHUNK, Chunk, Config, ConfigError, Footprint, chunk_size, config, number, pass_count, static
 from jaxattr.maps import Contrast
 from jaxattr.methods._common import Output, require_model, resolve_targets, straight_image_path
 from jaxattr.methods.base import MethodSpec, register, run_compiled
@@ -31,7 +31,7 @@ from jaxattr.paths import Rule
 class IntegratedGradientsConfig(Config):
     """captum `IntegratedGradients.attribute` defaults."""
 
-    steps: int = static(50, integer(1))  # captum n_steps (each rule has its minimum)
+    steps: int = static(50, pass_count())  # captum n_steps (each rule has its minimum)
     # captum's method names ('gausslegendre64': captum 0.2.0's float64 weights), PAIR's 'pair', I-GOS's 'igos'
     rule: Rule = static("gausslegendre")
     baseline: Baseline = static("black")  # a `baselines=` array overrides it
