@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import jaxattr.viz
 from jaxattr import cli, explain, imagenet_labels, maps
 from jaxattr.cli import explain as explain_command
 from jaxattr.config import Config, config, static
 from jaxattr.image import load_image
 from jaxattr.methods import base as method_base
-from jaxattr.methods import list_methods
+from jaxattr.maps import Contrast
+from jaxattr.methods import list_methods, method_spec
 from jaxattr.methods.base import MethodSpec
 from jaxattr.models import create_model, list_models, model_info
 from jaxattr.run import Progress, output_names
@@ -615,3 +617,42 @@ def test_extra_outputs_are_saved_beside_the_map_and_resumed(images, tmp_path, we
     first = _mtimes(out)
     assert _explain([images], out, weights, "--method", "probe") == 0
     assert _mtimes(out) == first and len(first) == 12
+
+
+# The display contrast of each method, as its authors' code draws its maps. PAIR's grayscale
+# visualisation (saliency, SmoothGrad, IG, Guided IG, Blur IG; guided backprop and IG2 drawn the same
+# way) clips at the 99th percentile above the map's minimum; Grad-CAM, IIA and the I-GOS masks are
+# min-max scaled. GNL divides its absolute map by the maximum; jaxattr scales from zero to the 99th
+# percentile, deliberately (the raw maximum is one dot on a real model).
+CONTRASTS = {
+    "saliency": ("min", 99.0),
+    "smoothgrad": ("min", 99.0),
+    "integrated_gradients": ("min", 99.0),
+    "guided_backprop": ("min", 99.0),
+    "guided_ig": ("min", 99.0),
+    "blur_ig": ("min", 99.0),
+    "ig2": ("min", 99.0),
+    "gnl_ig": ("zero", 99.0),
+    "gradcam": ("min", 100.0),
+    "iia": ("min", 100.0),
+    "igos": ("min", 100.0),
+    "igos_plus": ("min", 100.0),
+    "igos_pp": ("min", 100.0),
+}
+
+
+def test_each_methods_display_contrast():
+    assert {m: (method_spec(m).contrast.floor, method_spec(m).contrast.percentile) for m in list_methods()} == CONTRASTS
+
+
+def test_the_png_is_drawn_with_the_methods_contrast(tmp_path, weights):
+    """The heat-map tile of --panel is the map scaled by GNL-IG's contrast, to the PNG's rounding."""
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "im.png")
+    argv = ["explain", str(tmp_path / "im.png"), "--model", "resnet18", "--weights", str(weights), "--crop", "32",
+            "--method", "gnl_ig", "--steps", "4", "--panel", "--out", str(tmp_path / "out"), "--no-compile-cache"]
+    assert cli.main(argv) == 0
+    saliency_map = np.asarray(method_spec("gnl_ig").saliency(jnp.asarray(np.load(tmp_path / "out" / "im.npy"))[None]))[0]
+    floor, percentile = CONTRASTS["gnl_ig"]
+    heat = jaxattr.viz.contrast(saliency_map, Contrast(floor, percentile))
+    tile = np.asarray(Image.open(tmp_path / "out" / "im.png"))[:, 32 + 4 : 64 + 4]
+    np.testing.assert_array_equal(tile, jaxattr.viz.to_uint8(jaxattr.viz.colorize(heat, (32, 32))))

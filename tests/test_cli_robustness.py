@@ -321,6 +321,11 @@ def test_uniform_baseline_draws_per_file_keys(weights, tmp_path):
     assert not np.allclose(other, alone)
     settings = json.loads((tmp_path / "alone" / "summary.json").read_text())["settings"]
     assert settings["seed"] == 3 and settings["config"]["baseline"] == "uniform"
+    # Resuming with another seed would mix maps of two seeds in one directory: refused, nothing touched.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "alone").iterdir()}
+    resumed = explain(paths, tmp_path / "alone", weights, *options, "--seed", "4", method="integrated_gradients")
+    assert_one_line_error(resumed, 1, "holds outputs of a run with other settings (seed differ)")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "alone").iterdir()} == before
 
 
 def test_preprocessing_options_are_applied_and_recorded(weights, tmp_path):

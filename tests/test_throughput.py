@@ -288,6 +288,14 @@ def test_top_k_writes_one_map_per_class_and_resumes(images, tmp_path, weights, c
     capsys.readouterr()
     assert _explain([images], out, weights, "--top-k", "2") == 0
     assert "5 of 5 images already have outputs" in capsys.readouterr().err
+    # One class's files of one image gone: that image is explained again, every class of it.
+    second = int(records["im1"]["classes"].split()[1])
+    before = _files(out)
+    for path in out.glob(f"im1.class{second}.*"):
+        path.unlink()
+    assert _explain([images], out, weights, "--top-k", "2") == 0
+    assert "4 of 5 images already have outputs" in capsys.readouterr().err
+    assert _files(out) == before
     assert _explain([images], out, weights, "--top-k", "3") == 1  # other settings: refused
     assert _explain([images], out, weights, "--top-k", "2", "--target", "3") == 1
     assert "exclude each other" in capsys.readouterr().err
