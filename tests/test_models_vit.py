@@ -2,6 +2,7 @@
 position-embedding resampling for other image sizes, and the attention sites used by IIA."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ TV_VIT = torchvision.models.vision_transformer
 # ---------------------------------------------------------------------------------- helpers
 
 
+@jax.jit  # one compiled program: op by op, a full-size ViT takes half a minute on CPU
 def attention_maps(model, images, replace=None):
     """(logits, every block's attention stacked (blocks, b, heads, n, n)) through the site API."""
     sites = attention_sites(model)
@@ -33,6 +35,7 @@ def attention_maps(model, images, replace=None):
     return logits, jnp.stack([values[s] for s in sites])
 
 
+@functools.partial(jax.jit, static_argnames="output")
 def attention_gradients(model, images, targets, output="logit", replace=None):
     sites = attention_sites(model)
     logits, values, grads = site_gradients(model, images, targets, sites, replace=replace, output=output)
