@@ -33,8 +33,19 @@ import torch.nn.functional as F
 
 from converters.crosscheck import reference
 from converters.torch_models import PixelInput, to_torch_images
-from jaxattr.methods.gradcam import feature_layer
-from jaxattr.methods.iia import CNN_STEPS, VIT_STEPS, IIAConfig, iia, path_block, path_nodes, vit_attention_sites
+from jaxattr.methods.iia import IIAConfig, iia, vit_attention_sites
+
+# The reference's own settings (iia.md §2.3, §3.3), not jaxattr's: a changed jaxattr default must
+# fail the parity test at defaults.
+INTERPOLATION_STEPS = 10  # cnn_saliency_map_generator.py:37: 11 points on each path
+ITERATION_STEPS = 5  # vit_saliency_map_generator.py: 6 points on each path
+CNN_LAYER = "layer4"  # GradModel splits ResNet-50 after its last stage
+VIT_BLOCK = -1  # the override replaces the last block's attention (block 11 of 12)
+
+
+def path_nodes(steps: int) -> np.ndarray:
+    """The reference's interpolation coefficients: float32 NumPy linspace(0, 1, steps + 1)."""
+    return np.linspace(0, 1, steps + 1, dtype=np.float32)
 
 
 def _scores(logits: torch.Tensor, target: int, output: str) -> torch.Tensor:
@@ -91,14 +102,18 @@ def iia_cnn(
     images: np.ndarray,
     targets: np.ndarray,
     *,
-    layer: str,
-    steps: int = CNN_STEPS,
+    layer: str = CNN_LAYER,
+    steps: int = INTERPOLATION_STEPS,
     mode: str = "reference",
-    activation_steps: int = CNN_STEPS,
+    activation_steps: int = INTERPOLATION_STEPS,
     output: str = "logit",
 ) -> np.ndarray:
-    """IIA maps (b, H, W) of a torchvision ResNet at `layer`, one image at a time."""
-    features, head = resnet_split(torch_model.model, layer)
+    """IIA maps (b, H, W) of a torchvision ResNet after `layer` (a stage such as 'layer4', meaning
+    its last block, or a block such as 'layer3.1'), one image at a time."""
+    module = torch_model.model
+    if hasattr(module, layer) and isinstance(getattr(module, layer), torch.nn.Sequential):
+        layer = f"{layer}.{len(getattr(module, layer)) - 1}"
+    features, head = resnet_split(module, layer)
     alphas, betas = path_nodes(steps), path_nodes(activation_steps)
     maps = []
     for image, target in zip(images, targets):
@@ -202,9 +217,9 @@ def iia_vit(
     images: np.ndarray,
     targets: np.ndarray,
     *,
-    steps: int = VIT_STEPS,
-    attention_steps: int = VIT_STEPS,
-    block: int = -1,
+    steps: int = ITERATION_STEPS,
+    attention_steps: int = ITERATION_STEPS,
+    block: int = VIT_BLOCK,
     output: str = "logit",
 ) -> np.ndarray:
     """IIA maps (b, H, W) of a timm or torchvision ViT, one image at a time; `block` is the block
@@ -242,29 +257,32 @@ def iia_vit(
 # ----------------------------------------------------------------------------------- cross-check
 
 
-def reference_maps(model, torch_model: PixelInput, images: np.ndarray, targets: np.ndarray, config: IIAConfig):
-    """The reference's maps for `config` on the torch twin of `model` (a ResNet or a ViT)."""
+def reference_maps(model, torch_model: PixelInput, images: np.ndarray, targets: np.ndarray, config: IIAConfig | None = None):
+    """The reference's maps on the torch twin of `model` (a ResNet or a ViT): at the reference's own
+    settings, or with the values `config` sets (None fields keep the reference's)."""
+    given = {} if config is None else {k: v for k, v in config.to_dict().items() if v is not None}
     sites = vit_attention_sites(model)
     if sites:
-        return iia_vit(
-            torch_model,
-            images,
-            targets,
-            steps=config.steps or VIT_STEPS,
-            attention_steps=config.activation_steps or VIT_STEPS,
-            block=path_block(model, sites, config.layer),
-            output=config.output,
-        )
-    return iia_cnn(
-        torch_model,
-        images,
-        targets,
-        layer=feature_layer(model, config.layer),
-        steps=config.steps or CNN_STEPS,
-        mode=config.mode,
-        activation_steps=config.activation_steps or CNN_STEPS,
-        output=config.output,
-    )
+        options = {"steps": given.get("steps"), "attention_steps": given.get("activation_steps"), "output": given.get("output")}
+        if "layer" in given:
+            options["block"] = _block_index(model, sites, given["layer"])
+        return iia_vit(torch_model, images, targets, **{k: v for k, v in options.items() if v is not None})
+    options = {
+        "layer": model.resolve_layer(given["layer"]) if "layer" in given else None,
+        "steps": given.get("steps"),
+        "mode": given.get("mode"),
+        "activation_steps": given.get("activation_steps"),
+        "output": given.get("output"),
+    }
+    return iia_cnn(torch_model, images, targets, **{k: v for k, v in options.items() if v is not None})
+
+
+def _block_index(model, sites: tuple[str, ...], layer: str) -> int:
+    """The block a layer name (a block, or its attention site) points to."""
+    for index, site in enumerate(sites):
+        if layer in (site, model.module.block_name(index)):
+            return index
+    raise ValueError(f"no block or attention site {layer!r}; attention sites: {', '.join(sites)}")
 
 
 @reference(
@@ -274,6 +292,7 @@ def reference_maps(model, torch_model: PixelInput, images: np.ndarray, targets: 
     tolerance={"float32": 1e-5, "float64": 1e-10},
 )
 def iia_vs_reference(model, torch_model, images, targets, *, config: IIAConfig | None = None):
-    config = config or IIAConfig()
-    ours = iia(model, images, targets, config=config)
+    """jaxattr at `config` (default: its defaults) against the reference at the same values (default:
+    the reference's own)."""
+    ours = iia(model, images, targets, config=config or IIAConfig())
     return np.asarray(ours), reference_maps(model, torch_model, images, targets, config)
