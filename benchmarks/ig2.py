@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from converters.crosscheck import max_rel_diff
-from converters.references.ig2 import run_reference
+from converters.references.ig2 import reference_options, run_reference
 from converters.torch_models import to_torch_images, torch_twin
 from jaxattr.methods.ig2 import IG2Config, ig2
 
@@ -68,10 +68,10 @@ def main(argv=None) -> None:
     compiled, compile_seconds = timed_compile(compiled_ig2, model, images, targets, references)
 
     # PyTorch's first calls set up its kernels: one untimed step of the reference first.
-    run_reference(torch_model, images[:1], references[:1], targets[:1], config.replace(steps=1))
+    run_reference(torch_model, images[:1], references[:1], targets[:1], **reference_options(config.replace(steps=1)))
     runs = {
         "jaxattr": lambda: np.asarray(compiled(model, images, targets, references)),
-        "reference": lambda: run_reference(torch_model, images, references, targets, config)[0],
+        "reference": lambda: run_reference(torch_model, images, references, targets, **reference_options(config))[0],
     }
     results, best, cpu = timed_rounds(runs, args.repeats, progress=True)
     print(f"load average after {load()}")

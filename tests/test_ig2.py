@@ -27,7 +27,7 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
 from converters import crosscheck  # noqa: E402
-from converters.references.ig2 import run_reference  # noqa: E402
+from converters.references.ig2 import reference_options, run_reference  # noqa: E402
 from converters.torch_models import PixelInput, randomise_constants, with_torch_weights  # noqa: E402
 
 SIZE = 32
@@ -103,7 +103,7 @@ def _parity(twin, dtype, config, refs=None):
     images, default_refs = _inputs(dtype)
     refs = default_refs if refs is None else refs
     ours = ig2_result(model, images, TARGETS, references=refs, config=config, return_path=True)
-    theirs, their_paths = run_reference(torch_model, images, refs, TARGETS, config)
+    theirs, their_paths = run_reference(torch_model, images, refs, TARGETS, **reference_options(config))
     their_points = np.stack([np.stack(p, axis=1) for p in their_paths])  # (b, r, K+1, h, w, 3), raw units
     our_points = np.asarray(ours.path.points) * config.value_scale
     return _rel(our_points, their_points), _rel(ours.attributions, theirs)
@@ -148,10 +148,10 @@ def test_a_reference_identical_to_the_explicand_stays_and_gives_no_nan(twin, x64
     np.testing.assert_array_equal(points, np.broadcast_to(images[:, None], points.shape))
     assert np.isfinite(np.asarray(result.attributions)).all()
     with np.errstate(invalid="ignore"):
-        nan, _ = run_reference(torch_model, images, refs, TARGETS, CONFIG)
+        nan, _ = run_reference(torch_model, images, refs, TARGETS, **reference_options(CONFIG))
     assert np.isnan(nan).all()  # the reference divides by the zero norm (the bug jaxattr fixes)
     # The staying path adds nothing; the mean over the two references halves the other's map.
-    other, _ = run_reference(torch_model, images, refs[:, :1], TARGETS, CONFIG)
+    other, _ = run_reference(torch_model, images, refs[:, :1], TARGETS, **reference_options(CONFIG))
     assert _rel(result.attributions, other / 2) <= 1e-10
 
 

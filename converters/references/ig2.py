@@ -106,25 +106,42 @@ def reference_ig2(callback: Callback, explicand: np.ndarray, references: np.ndar
     return attributions.mean(axis=0), path
 
 
-def run_reference(torch_model: PixelInput, images: np.ndarray, references: np.ndarray, targets: np.ndarray,
-                  config: IG2Config) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+# The reference's own settings (ig2_and_pair.md A.1, A.5), not jaxattr's: GetMask(x_value, baselines,
+# call_model_function, call_model_args=None, steps=201, step_size=256.0, clip_min_max=[0, 255])
+# (ig2.py:71-79), on raw [0, 255] images, with the notebooks' callback (gradients of the normalised
+# input, the target's logit).
+STEPS = 201
+STEP_SIZE = 256.0
+CLIP = (0.0, 255.0)
+VALUE_SCALE = 255.0
+GRADIENT_SPACE = "normalized"
+OUTPUT = "logit"
+
+
+def run_reference(torch_model: PixelInput, images: np.ndarray, references: np.ndarray, targets: np.ndarray, *,
+                  steps: int = STEPS, step_size: float = STEP_SIZE, clip: tuple[float, float] = CLIP,
+                  value_scale: float = VALUE_SCALE, space: str = GRADIENT_SPACE, output: str = OUTPUT,
+                  ) -> tuple[np.ndarray, list[list[np.ndarray]]]:
     """The reference on pixel images (b, h, w, 3) and references per explicand (b, r, h, w, 3):
     (masks (b, h, w, 3), per explicand its raw GradPath). One explicand at a time, as the authors
     run it."""
-    scale = config.value_scale
     masks, gradpaths = [], []
     for image, refs, target in zip(images, references, targets):
-        callback = Callback(torch_model, int(target), space=config.gradient_space, output=config.output, value_scale=scale)
+        callback = Callback(torch_model, int(target), space=space, output=output, value_scale=value_scale)
         try:
-            mask, path = reference_ig2(
-                callback, image * scale, refs * scale,
-                steps=config.steps, step_size=config.step_size, clip=(config.clip_min, config.clip_max),
-            )
+            mask, path = reference_ig2(callback, image * value_scale, refs * value_scale, steps=steps, step_size=step_size, clip=clip)
         finally:
             callback.close()
         masks.append(mask)
         gradpaths.append(path)
     return np.stack(masks), gradpaths
+
+
+def reference_options(config: IG2Config) -> dict:
+    """`run_reference`'s settings equal to a jaxattr config's (to compare at settings other than
+    each side's defaults)."""
+    return dict(steps=config.steps, step_size=config.step_size, clip=(config.clip_min, config.clip_max),
+                value_scale=config.value_scale, space=config.gradient_space, output=config.output)
 
 
 def default_references(images: np.ndarray) -> np.ndarray:
@@ -155,9 +172,10 @@ COMPARED = IG2Config(selection="all", num_references=None)  # every reference gi
     config=COMPARED,
 )
 def ig2_vs_reference(model, torch_model, images, targets, *, config: IG2Config | None = None, references=None):
-    config = config or COMPARED
+    """jaxattr at `config` (default: its defaults, with every reference used) against the reference
+    at the same values (default: the reference's own)."""
     references = default_references(images) if references is None else np.asarray(references, images.dtype)
-    check_config(config, references)
-    ours = ig2(model, images, targets, references=references, config=config)
-    theirs, _ = run_reference(torch_model, images, references, targets, config)
+    check_config(config or COMPARED, references)
+    ours = ig2(model, images, targets, references=references, config=config or COMPARED)
+    theirs, _ = run_reference(torch_model, images, references, targets, **({} if config is None else reference_options(config)))
     return np.asarray(ours), theirs
