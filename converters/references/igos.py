@@ -142,18 +142,21 @@ def line_search(masks, grads, loss_fn, alpha0: float, beta: float, decay: float,
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    iterations: int
-    steps: int
-    mask_size: int
-    l1: float
-    l2: float
-    alpha0: float
-    noise: float
-    optimizer: str
-    armijo: float
-    decay: float
-    min_step: float
-    btv_sigma: float = 0.01
+    """The reference's settings; the defaults are its effective ones (igos.md §2): main.py's command
+    line at b0820a2 and the constants hard-coded in methods.py / methods_helper.py."""
+
+    iterations: int = 20  # --ig_iter 20, passed as the iteration count T (main.py:71-72)
+    steps: int = 15  # --iterations 15, passed as the integration steps N
+    mask_size: int = 28  # --size 28
+    l1: float = 1.0  # --L1 1
+    l2: float = 20.0  # --L2 20
+    alpha0: float = 1000.0  # --alpha 1000
+    noise: float = 0.2  # the noise std added to every path image, hard-coded
+    optimizer: str = "ls"  # --opt is never forwarded: the function default 'LS' runs
+    armijo: float = 1e-4  # line_search (methods_helper.py:139-189): beta 1e-4,
+    decay: float = 0.2  # decay 0.2,
+    min_step: float = 1e-5  # smallest step 1e-5
+    btv_sigma: float = 0.01  # bilateral TV's sigma (iGOS+ / iGOS++)
 
     @classmethod
     def from_config(cls, config: IGOSConfig) -> "Settings":
@@ -307,11 +310,19 @@ def jax_noise(key: jax.Array, steps: int, size: tuple[int, int], dtype) -> Noise
 
 def compare(variant: str, model, torch_model, images, targets, *, config=None, key=None):
     """(jaxattr masks, reference masks): iGOS++'s as (b, 2, s, s) (deletion, insertion), the others
-    (b, s, s). Same normalised images and baselines, same noise, the reference one image at a time."""
+    (b, s, s). Same normalised images and baselines, same noise, the reference one image at a time.
+    `config`: jaxattr's settings (default: its defaults)."""
     key = jax.random.key(0) if key is None else key
-    config = config or (IGOSConfig() if variant == "igos" else IGOSPlusConfig())
+    defaults = IGOSConfig() if variant == "igos" else IGOSPlusConfig()
+    config = config or defaults
     result = igos_masks(model, images, targets, variant=variant, config=config, key=key)
-    settings = Settings.from_config(config)
+    # The reference at its own settings, but for what the caller changed from jaxattr's defaults:
+    # a jaxattr default that drifted from the reference's then fails the comparison.
+    settings = Settings(**{
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(Settings)
+        if hasattr(config, f.name) and getattr(config, f.name) != getattr(defaults, f.name)
+    })
     dtype = images.dtype
     normalised = _to_nchw(model.normalise(images))
     baselines = _to_nchw(model.normalise(result.baselines.astype(dtype)))
