@@ -77,21 +77,27 @@ def captum_020_gauss_legendre(
     return total * (inputs - baselines)
 
 
+CAPTUM_STEPS = 50  # captum's attribute(n_steps=50, method='gausslegendre'), 0.2.0 and 0.9 alike
+
+
+def _changed(config, defaults, field: str) -> bool:
+    """Whether the caller set `field` away from jaxattr's default: only such values reach the
+    reference, which otherwise runs at its own defaults (a drifted jaxattr default then fails)."""
+    return getattr(config, field) != getattr(defaults, field)
+
+
 def _integrated_gradients(
-    forward, inputs, baselines, targets: np.ndarray, config: IntegratedGradientsConfig, images
+    forward, inputs, baselines, targets: np.ndarray, config: IntegratedGradientsConfig, images, defaults
 ) -> torch.Tensor:
-    """captum's IntegratedGradients for captum's rules, captum 0.2.0's arithmetic for 'gausslegendre64'."""
+    """captum's IntegratedGradients for captum's rules, captum 0.2.0's arithmetic for 'gausslegendre64',
+    at captum's own step count and rule unless `config` changes them from jaxattr's `defaults`."""
     target = torch.from_numpy(targets)
-    if config.rule == "gausslegendre64":  # all steps in one batch (a chunk changes only the order of the sum)
+    options = {name: getattr(config, field) for name, field in (("n_steps", "steps"), ("method", "rule")) if _changed(config, defaults, field)}
+    if options.get("method") == "gausslegendre64":  # all steps in one batch (a chunk changes only the order of the sum)
         baselines = 0.0 if baselines is None else baselines
-        return captum_020_gauss_legendre(forward, inputs, baselines, target, config.steps)
+        return captum_020_gauss_legendre(forward, inputs, baselines, target, options.get("n_steps", CAPTUM_STEPS))
     return IntegratedGradients(forward).attribute(
-        inputs,
-        baselines=baselines,
-        target=target,
-        n_steps=config.steps,
-        method=config.rule,
-        internal_batch_size=_internal_batch_size(config, images),
+        inputs, baselines=baselines, target=target, internal_batch_size=_internal_batch_size(config, images), **options
     )
 
 
@@ -113,13 +119,15 @@ def _integrated_gradients(
 def integrated_gradients_vs_captum(
     model, torch_model, images, targets, *, config: IntegratedGradientsConfig | None = None, key=None
 ):
-    config = config or IntegratedGradientsConfig()
+    defaults = IntegratedGradientsConfig()
+    config = config or defaults
     if config.rule not in REFERENCE_RULES:
         raise ValueError(f"captum has no rule {config.rule!r}; its rules: {REFERENCE_RULES}")
     ours = integrated_gradients(model, images, targets, config=config, key=key)
-    forward = _score_function(torch_model, config.output)
-    baselines = captum_baselines(config, torch_model, images, key)
-    theirs = _integrated_gradients(forward, to_torch_images(images), baselines, targets, config, images)
+    forward = _score_function(torch_model, config.output) if _changed(config, defaults, "output") else torch_model
+    # captum's default baseline is zeros: black pixels
+    baselines = captum_baselines(config, torch_model, images, key) if _changed(config, defaults, "baseline") else None
+    theirs = _integrated_gradients(forward, to_torch_images(images), baselines, targets, config, images, defaults)
     return np.asarray(ours), to_numpy_nhwc(theirs)
 
 
@@ -162,7 +170,8 @@ def gnl_ig_vs_captum(model, torch_model: PixelInput, images, targets, *, config:
     """GNL's own configuration on the torch side: normalised inputs, baseline None (= 0), the guided
     rules on every ReLU / max-pool module. Normalised-space attributions (x_n - 0) ⊙ ∇_n equal
     pixel-space ones (p - mean) ⊙ ∇_p exactly in real arithmetic (gnl.md §2.5)."""
-    config = config or GnlIGConfig()
+    defaults = GnlIGConfig()
+    config = config or defaults
     if config.baseline != "mean":
         raise ValueError(f"GNL's baseline is zero in normalised space, i.e. baseline 'mean'; got {config.baseline!r}")
     ours = gnl_ig(model, images, targets, config=config)
@@ -171,6 +180,6 @@ def gnl_ig_vs_captum(model, torch_model: PixelInput, images, targets, *, config:
     mean, std = torch_model.normalisation(dtype)
     normalised = (pixels - mean) / std
     with guided(torch_model.model, "guided") as guided_model:
-        forward = _score_function(guided_model, config.output)
-        theirs = _integrated_gradients(forward, normalised, None, targets, config, images)
+        forward = _score_function(guided_model, config.output) if _changed(config, defaults, "output") else guided_model
+        theirs = _integrated_gradients(forward, normalised, None, targets, config, images, defaults)
     return np.asarray(ours), to_numpy_nhwc(theirs)
