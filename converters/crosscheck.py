@@ -55,6 +55,13 @@ def reference(
     return wrap
 
 
+def changed(config: Any, defaults: Any, names: dict[str, str]) -> dict[str, Any]:
+    """{reference argument: value} for each config field (`names`: argument -> field) the caller set
+    away from jaxattr's `defaults`. A reference is given only these and otherwise runs at its own
+    defaults, so a jaxattr default that drifts from the reference's fails the comparison."""
+    return {argument: getattr(config, field) for argument, field in names.items() if getattr(config, field) != getattr(defaults, field)}
+
+
 def references() -> dict[str, Reference]:
     import converters.references  # noqa: F401  (registers the runners)
 

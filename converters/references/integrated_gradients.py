@@ -13,7 +13,7 @@ import scipy.ndimage
 import torch
 from captum.attr import IntegratedGradients
 
-from converters.crosscheck import reference
+from converters.crosscheck import changed, reference
 from converters.guided import guided
 from converters.references.pair import pair_call_model
 from converters.torch_models import PixelInput, to_numpy_nhwc, to_torch_images
@@ -80,19 +80,13 @@ def captum_020_gauss_legendre(
 CAPTUM_STEPS = 50  # captum's attribute(n_steps=50, method='gausslegendre'), 0.2.0 and 0.9 alike
 
 
-def _changed(config, defaults, field: str) -> bool:
-    """Whether the caller set `field` away from jaxattr's default: only such values reach the
-    reference, which otherwise runs at its own defaults (a drifted jaxattr default then fails)."""
-    return getattr(config, field) != getattr(defaults, field)
-
-
 def _integrated_gradients(
     forward, inputs, baselines, targets: np.ndarray, config: IntegratedGradientsConfig, images, defaults
 ) -> torch.Tensor:
     """captum's IntegratedGradients for captum's rules, captum 0.2.0's arithmetic for 'gausslegendre64',
     at captum's own step count and rule unless `config` changes them from jaxattr's `defaults`."""
     target = torch.from_numpy(targets)
-    options = {name: getattr(config, field) for name, field in (("n_steps", "steps"), ("method", "rule")) if _changed(config, defaults, field)}
+    options = changed(config, defaults, {"n_steps": "steps", "method": "rule"})
     if options.get("method") == "gausslegendre64":  # all steps in one batch (a chunk changes only the order of the sum)
         baselines = 0.0 if baselines is None else baselines
         return captum_020_gauss_legendre(forward, inputs, baselines, target, options.get("n_steps", CAPTUM_STEPS))
@@ -124,9 +118,9 @@ def integrated_gradients_vs_captum(
     if config.rule not in REFERENCE_RULES:
         raise ValueError(f"captum has no rule {config.rule!r}; its rules: {REFERENCE_RULES}")
     ours = integrated_gradients(model, images, targets, config=config, key=key)
-    forward = _score_function(torch_model, config.output) if _changed(config, defaults, "output") else torch_model
+    forward = _score_function(torch_model, config.output) if changed(config, defaults, {"output": "output"}) else torch_model
     # captum's default baseline is zeros: black pixels
-    baselines = captum_baselines(config, torch_model, images, key) if _changed(config, defaults, "baseline") else None
+    baselines = captum_baselines(config, torch_model, images, key) if changed(config, defaults, {"baseline": "baseline"}) else None
     theirs = _integrated_gradients(forward, to_torch_images(images), baselines, targets, config, images, defaults)
     return np.asarray(ours), to_numpy_nhwc(theirs)
 
@@ -180,6 +174,6 @@ def gnl_ig_vs_captum(model, torch_model: PixelInput, images, targets, *, config:
     mean, std = torch_model.normalisation(dtype)
     normalised = (pixels - mean) / std
     with guided(torch_model.model, "guided") as guided_model:
-        forward = _score_function(guided_model, config.output) if _changed(config, defaults, "output") else guided_model
+        forward = _score_function(guided_model, config.output) if changed(config, defaults, {"output": "output"}) else guided_model
         theirs = _integrated_gradients(forward, normalised, None, targets, config, images, defaults)
     return np.asarray(ours), to_numpy_nhwc(theirs)

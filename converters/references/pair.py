@@ -15,7 +15,7 @@ import saliency.core as saliency
 import saliency.core.guided_ig as saliency_guided_ig
 import torch
 
-from converters.crosscheck import reference
+from converters.crosscheck import changed, reference
 from converters.torch_models import to_numpy_nhwc, to_torch_images
 from jaxattr.methods.blur_ig import BlurIGConfig, blur_ig
 from jaxattr.methods.guided_ig import GuidedIGConfig, guided_ig
@@ -68,20 +68,18 @@ def guided_ig_vs_pair(
     entry takes the gradient then depends on ulp-level differences between torch's and XLA's
     convolutions on the machine's CPU, and Guided IG's path branches on it. Random baselines give a
     well-posed float64 comparison on any CPU."""
-    config = config or GuidedIGConfig()
+    defaults = GuidedIGConfig()
+    config = config or defaults
     if baselines is None and config.baseline != "black":
         raise ValueError(f"the PAIR reference runs from a black baseline or given baselines, not {config.baseline!r}")
     starts = np.zeros_like(images) if baselines is None else np.broadcast_to(baselines, images.shape)
     ours = guided_ig(model, images, targets, config=config, baselines=None if baselines is None else starts)
+    # PAIR at its own x_steps, fraction and max_dist unless the caller changed jaxattr's
+    options = changed(config, defaults, {"x_steps": "steps", "fraction": "fraction", "max_dist": "max_dist"})
     with _numpy_quantile_shim():
         theirs = [
             saliency.GuidedIG().GetMask(
-                image,
-                pair_call_model(torch_model, int(target), config.output),
-                x_steps=config.steps,
-                x_baseline=start,
-                fraction=config.fraction,
-                max_dist=config.max_dist,
+                image, pair_call_model(torch_model, int(target), config.output), x_baseline=start, **options
             )
             for image, start, target in zip(images, starts, targets)
         ]
@@ -98,17 +96,13 @@ def guided_ig_vs_pair(
     default_dtype="float64",
 )
 def blur_ig_vs_pair(model, torch_model, images, targets, *, config: BlurIGConfig | None = None):
-    config = config or BlurIGConfig()
+    defaults = BlurIGConfig()
+    config = config or defaults
     ours = blur_ig(model, images, targets, config=config)
+    # PAIR at its own max_sigma, steps, grad_step and sqrt unless the caller changed jaxattr's
+    options = changed(config, defaults, {f: f for f in ("max_sigma", "steps", "grad_step", "sqrt")})
     theirs = [
-        saliency.BlurIG().GetMask(
-            image,
-            pair_call_model(torch_model, int(target), config.output),
-            max_sigma=config.max_sigma,
-            steps=config.steps,
-            grad_step=config.grad_step,
-            sqrt=config.sqrt,
-        )
+        saliency.BlurIG().GetMask(image, pair_call_model(torch_model, int(target), config.output), **options)
         for image, target in zip(images, targets)
     ]
     return np.asarray(ours), np.stack(theirs)
