@@ -15,7 +15,7 @@ import saliency.core as saliency
 import torch
 from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
-from converters.crosscheck import reference
+from converters.crosscheck import changed, reference
 from converters.references.pair import pair_call_model
 from converters.torch_models import PixelInput, to_numpy_nhwc, to_torch_images
 from jaxattr.methods import resolve_chunks
@@ -94,28 +94,31 @@ def _partition_sizes(config: SmoothGradConfig) -> list[int]:
     return [size] * full + ([rest] if rest else [])
 
 
+PAIR_STDEV_SPREAD, PAIR_SAMPLES = 0.15, 25  # GetSmoothedMask(stdev_spread=.15, nsamples=25), saliency 0.2.1
+
+
 def smoothgrad_vs_pair(model, torch_model, images, targets, *, config: SmoothGradConfig | None = None, seed: int = 0):
     """jaxattr smoothgrad of the saliency map vs saliency 0.2.1 `GradientSaliency.GetSmoothedMask`
     (kind 'smoothgrad' is magnitude=False, 'smoothgrad_sq' magnitude=True; relative sigma only).
 
     PAIR draws normal(0, sigma, x.shape) per sample from NumPy's global RNG; the runner seeds it,
     records the draws, reseeds and lets PAIR draw the same stream again."""
-    config = config or SmoothGradConfig()
+    defaults = SmoothGradConfig()
+    config = config or defaults
     if config.base.spec.name != "saliency" or config.kind == "vargrad" or not config.relative:
         raise ValueError("PAIR's GetSmoothedMask has kinds smoothgrad / smoothgrad_sq with relative sigma only")
+    # PAIR at its own stdev_spread and nsamples unless the caller changed jaxattr's
+    options = changed(config, defaults, {"stdev_spread": "stdev", "nsamples": "samples"})
+    stdev_spread, nsamples = options.get("stdev_spread", PAIR_STDEV_SPREAD), options.get("nsamples", PAIR_SAMPLES)
     theirs, noise = [], []
     for i, (image, target) in enumerate(zip(images, targets)):
-        sigma = config.stdev * (np.max(image) - np.min(image))  # PAIR's stdev_spread arithmetic
+        sigma = stdev_spread * (np.max(image) - np.min(image))  # PAIR's stdev_spread arithmetic
         np.random.seed(seed + i)
-        noise.append([np.random.normal(0, sigma, image.shape) for _ in range(config.samples)])
+        noise.append([np.random.normal(0, sigma, image.shape) for _ in range(nsamples)])
         np.random.seed(seed + i)
         theirs.append(
             saliency.GradientSaliency().GetSmoothedMask(
-                image,
-                pair_call_model(torch_model, int(target), "logit"),
-                stdev_spread=config.stdev,
-                nsamples=config.samples,
-                magnitude=config.kind == "smoothgrad_sq",
+                image, pair_call_model(torch_model, int(target), "logit"), magnitude=config.kind == "smoothgrad_sq", **options
             )
         )
     noise = np.asarray(noise).transpose(1, 0, 2, 3, 4).astype(images.dtype)
